@@ -1,0 +1,5 @@
+"""The paper's command name: python -m eval_scripts.8vision_pertask_linearsearch_full (same options as python -m eval_scripts)."""
+from eval_scripts.__main__ import main
+
+if __name__ == "__main__":
+    main()

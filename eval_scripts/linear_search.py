@@ -1,0 +1,312 @@
+"""The paper's merge evaluation: pre-merge pass, linear search on validation, test report.
+
+For each scenario (the protected target merged with unprotected others, and the all-unprotected
+control) the attacker gets the best global coefficient c ∈ {0.1, …, 9.9} (stopping after
+`patience` non-improving points), then the method's own grid in order (top-K, DARE p, CART rank),
+all selected by mean normalised validation accuracy; the selected merge is reported on test.
+Optionally an adaptive attacker also searches a coefficient for the target update alone.
+
+Every evaluated point is one JSON line, appended in a single write; a rerun reads them back and
+skips what is done, so an interrupted sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.classifier import ZeroShotClassifier
+from models.updates import ReleasedUpdate, UpdateError, load_update
+from models.vision import Base, evaluate, load_base, load_task, task_head
+from task_merger import TaskMerger, apply_merged, get_merge_method
+from training_scripts.vision import resolve_device
+
+SCENARIOS = ("protected", "control")
+
+
+@dataclass
+class MergeConfig:
+    target: str = ""  # task name of the protected update
+    protected: list[str] | None = None  # the protected target update folder(s)
+    control: list[str] | None = None  # the unprotected target update folder(s), for the control
+    others: list[str] | None = None  # unprotected updates of the other tasks
+    merge_method: str = "tv"
+    merge_space: str = "full"
+    isotropize: bool = False
+    coef_start: float = 0.1
+    coef_stop: float = 9.9
+    coef_step: float = 0.1
+    patience: int = 10
+    method_grid: bool = True  # search the method's own hyperparameters after c
+    adaptive: bool = False  # also search a separate coefficient for the target update
+    val_limit: int | None = None  # evaluate on the first N validation images per task (speed)
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str | None = None
+    progress: bool = True
+
+    def coefficients(self) -> list[float]:
+        n = int(round((self.coef_stop - self.coef_start) / self.coef_step)) + 1
+        return [round(self.coef_start + i * self.coef_step, 6) for i in range(n)]
+
+
+@dataclass
+class TaskEval:
+    name: str
+    classifier: ZeroShotClassifier
+    task: object
+    finetuned: dict[str, float] = field(default_factory=dict)  # split -> standalone accuracy
+
+
+class PointLog:
+    """points.jsonl: one line per evaluated point, appended with a single write (resumable)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: that point is simply evaluated again
+                self.done[rec["key"]] = rec
+
+    def write(self, record: dict) -> None:
+        self.done[record["key"]] = record
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class MergeEvaluator:
+    """Evaluates merges of updates of one base on those updates' tasks."""
+
+    def __init__(self, updates: list[ReleasedUpdate], device: torch.device, eval_batch_size: int = 512,
+                 val_limit: int | None = None):
+        meta = updates[0].metadata
+        for u in updates:
+            if u.metadata.get("suite") != meta.get("suite") or u.metadata.get("base_model") != meta.get("base_model"):
+                raise UpdateError(f"{u.path}: base/suite {u.metadata.get('base_model')}/{u.metadata.get('suite')} "
+                                  f"differs from {meta.get('base_model')}/{meta.get('suite')}")
+        self.device, self.batch, self.val_limit = device, eval_batch_size, val_limit
+        self.base: Base = load_base(meta["base_model"], meta.get("base_options"), device)
+        self.net = self.base.backbone.net
+        self.base_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        for u in updates:
+            u.check_base(self.base.fingerprint, self.base_state)
+        self.tasks: dict[str, TaskEval] = {}
+        for u in updates:
+            name = u.task
+            if name in self.tasks:
+                continue
+            cfg = u.metadata["config"]
+            task = load_task(self.base, u.metadata["suite"], name, cfg["data_seed"], cfg.get("split_sizes"))
+            head = task_head(self.base, task, u.metadata["suite"], cfg["head_shots"], cfg["data_seed"])
+            self.tasks[name] = TaskEval(name, ZeroShotClassifier(self.base.backbone, head.to(device)), task)
+
+    def accuracy(self, task: str, split: str) -> float:
+        limit = self.val_limit if split == "val" else None
+        return evaluate(self.tasks[task].classifier, self.tasks[task].task, split, self.batch, self.device,
+                        limit)["accuracy"]
+
+    def apply(self, merged: dict[str, torch.Tensor] | None, coefficient: float = 0.0) -> None:
+        self.net.load_state_dict(self.base_state)
+        if merged:
+            apply_merged(self.net, self.base_state, merged, coefficient)
+
+    def all_tasks(self, split: str) -> dict[str, float]:
+        return {name: self.accuracy(name, split) for name in self.tasks}
+
+    def normalised(self, accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> float:
+        return sum(100 * accs[t] / max(finetuned[t][split], 1e-8) for t in accs) / len(accs)
+
+
+def _key(**parts) -> str:
+    return json.dumps(parts, sort_keys=True)
+
+
+def search(evaluator: MergeEvaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
+           scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None) -> dict:
+    """Coefficient search, then the method grid, then (optionally) the adaptive target coefficient."""
+    from tqdm.auto import tqdm
+
+    method = get_merge_method(cfg.merge_method)
+    merger = TaskMerger(updates, cfg.merge_space, seed=cfg.seed)
+
+    def point(phase: str, c: float, params: dict, merger_: TaskMerger, task_coef: float = 1.0) -> float:
+        key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
+                   method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize)
+        if key not in log.done:
+            evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
+            accs = evaluator.all_tasks("val")
+            log.write({"key": key, "scenario": scenario, "phase": phase, "c": c, "params": params,
+                       "target_coefficient": task_coef, "val": accs,
+                       "score": evaluator.normalised(accs, "val", finetuned)})
+        return log.done[key]["score"]
+
+    params = dict(method.defaults)
+    best_c, best_score, bad = None, -1.0, 0
+    bar = tqdm(cfg.coefficients(), desc=f"{scenario} {cfg.merge_method}/{cfg.merge_space} c", disable=not cfg.progress)
+    for c in bar:
+        score = point("coefficient", c, params, merger)
+        if score > best_score:
+            best_c, best_score, bad = c, score, 0
+        else:
+            bad += 1
+        bar.set_postfix(c=c, best_c=best_c, score=f"{best_score:.1f}")
+        if bad >= cfg.patience:
+            break
+    bar.close()
+    if cfg.method_grid:
+        for name, grid in method.grid.items():
+            best_value = params[name]
+            for value in grid:
+                score = point(f"grid:{name}", best_c, {**params, name: value}, merger)
+                if score > best_score:
+                    best_score, best_value = score, value
+            params[name] = best_value
+    result = {"c": best_c, "params": params, "val_score": best_score, "target_coefficient": 1.0}
+    evaluator.apply(merger.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
+    result["test"] = evaluator.all_tasks("test")
+    result["test_normalised"] = {t: 100 * a / max(finetuned[t]["test"], 1e-8) for t, a in result["test"].items()}
+    result["fallbacks"] = sorted(set(merger.fallbacks))
+
+    if cfg.adaptive and target_index is not None:
+        best_a, best_a_score, bad = 1.0, best_score, 0
+        for a in cfg.coefficients():
+            coefs = [a if i == target_index else 1.0 for i in range(len(updates))]
+            score = point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed), a)
+            if score > best_a_score:
+                best_a, best_a_score, bad = a, score, 0
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+        coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
+        evaluator.apply(TaskMerger(updates, cfg.merge_space, coefs, cfg.seed).merge(
+            cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
+        test = evaluator.all_tasks("test")
+        result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score, "test": test,
+                              "test_normalised": {t: 100 * x / max(finetuned[t]["test"], 1e-8) for t, x in test.items()}}
+    return result
+
+
+def _load_all(paths: list[str] | None) -> list[ReleasedUpdate]:
+    return [load_update(p) for p in (paths or [])]
+
+
+def run_merge_eval(cfg: MergeConfig) -> Path:
+    get_merge_method(cfg.merge_method)  # fail early on a typo
+    if not cfg.target:
+        raise ValueError("--target (the protected task's name) is required")
+    scenarios = {"protected": _load_all(cfg.protected), "control": _load_all(cfg.control)}
+    others = _load_all(cfg.others)
+    if not scenarios["protected"] and not scenarios["control"]:
+        raise ValueError("give --protected and/or --control update folders of the target task")
+    for name, ups in scenarios.items():
+        for u in ups:
+            if u.task != cfg.target:
+                raise UpdateError(f"{u.path} is an update of {u.task!r}, but --target is {cfg.target!r}")
+            if (name == "protected") != u.protected:
+                raise UpdateError(f"{u.path}: listed as {name} but its lambda_reg is {u.metadata.get('lambda_reg')}")
+    for u in others:
+        if u.protected:
+            raise UpdateError(f"{u.path}: the other tasks' updates must be unprotected (lambda_reg = 0)")
+    first = next(iter(scenarios["protected"] or scenarios["control"]))
+    out = Path(cfg.output_dir or Path("results") / first.metadata["suite"] / first.metadata["base_model"] /
+               first.kind / cfg.target / f"{cfg.merge_method}-{cfg.merge_space}{'-iso' if cfg.isotropize else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    all_updates = [u for ups in scenarios.values() for u in ups] + others
+    evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit)
+    log = PointLog(out / "points.jsonl")
+
+    # pre-merge pass: zero-shot, and each update alone on every task (standalone accuracy = diagonal)
+    pre = {"zero_shot": {}, "alone": {}}
+    for split in ("val", "test"):
+        key = _key(phase="pre-merge", split=split, updates=[str(u.path) for u in all_updates])
+        if key not in log.done:
+            evaluator.apply(None)
+            rec = {"zero_shot": evaluator.all_tasks(split), "alone": {}}
+            for u in all_updates:
+                evaluator.apply({n: u.delta(n) for n in u.names()}, 1.0)
+                rec["alone"][str(u.path)] = evaluator.all_tasks(split)
+            log.write({"key": key, "phase": "pre-merge", "split": split, **rec})
+        pre["zero_shot"][split] = log.done[key]["zero_shot"]
+        pre["alone"][split] = log.done[key]["alone"]
+
+    summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {}}
+    for name, ups in scenarios.items():
+        if not ups:
+            continue
+        merged_updates = ups + others
+        finetuned = {u.task: {s: pre["alone"][s][str(u.path)][u.task] for s in ("val", "test")} for u in merged_updates}
+        res = search(evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
+        res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
+        res["updates"] = [str(u.path) for u in merged_updates]
+        summary["scenarios"][name] = res
+    _write_outputs(out, cfg, summary, log)
+    return out
+
+
+def _write_outputs(out: Path, cfg: MergeConfig, summary: dict, log: PointLog) -> None:
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
+    rows = []
+    for scenario, res in summary["scenarios"].items():
+        variants = [("global", res)] + ([("adaptive", res["adaptive"])] if "adaptive" in res else [])
+        for attacker, r in variants:
+            for task, acc in r["test"].items():
+                rows.append({"scenario": scenario, "attacker": attacker, "task": task, "method": cfg.merge_method,
+                             "space": cfg.merge_space, "c": res["c"], "params": json.dumps(res["params"]),
+                             "target_coefficient": r.get("target_coefficient", 1.0), "test_accuracy": round(acc, 4),
+                             "test_normalised": round(r["test_normalised"][task], 2), "is_target": task == cfg.target})
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    latex = []
+    for scenario, res in summary["scenarios"].items():
+        accs = res["test"]
+        cells = " & ".join(f"{100 * accs[t]:.1f}" for t in sorted(accs))
+        latex.append(f"{cfg.merge_method} ({cfg.merge_space}, {scenario}) & {cells} & "
+                     f"{100 * sum(accs.values()) / len(accs):.1f} \\\\")
+    (out / "row.tex").write_text("% tasks: " + ", ".join(sorted(next(iter(summary["scenarios"].values()))["test"]))
+                                 + "\n" + "\n".join(latex) + "\n")
+    plot_curves(out / "curve.png", log, cfg)
+
+
+def plot_curves(path: Path, log: PointLog, cfg: MergeConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mean, ax_target) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for scenario, style in zip(SCENARIOS, ("-", "--")):
+        pts = sorted((r for r in log.done.values() if r.get("scenario") == scenario and r["phase"] == "coefficient"),
+                     key=lambda r: r["c"])
+        if not pts:
+            continue
+        cs = [r["c"] for r in pts]
+        ax_mean.plot(cs, [r["score"] for r in pts], style, label=scenario)
+        ax_target.plot(cs, [100 * r["val"][cfg.target] for r in pts], style, label=scenario)
+    ax_mean.set(xlabel="merge coefficient c", ylabel="mean normalised val accuracy (%)",
+                title=f"{cfg.merge_method} / {cfg.merge_space}")
+    ax_target.set(xlabel="merge coefficient c", ylabel=f"{cfg.target} val accuracy (%)", title="target task")
+    for ax in (ax_mean, ax_target):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""Accuracy and loss of saved updates applied at scale s (W0 + s·ΔW): the paper's teaser figure.
+
+    python -m eval_scripts.scaling_curve --updates runs/.../gtsrb-plain runs/.../gtsrb-trap2
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.updates import load_update
+from models.vision import evaluate
+from training_scripts.config import parse_config
+from training_scripts.vision import resolve_device
+
+
+@dataclass
+class CurveConfig:
+    updates: list[str] | None = None
+    s_min: float = 0.0
+    s_max: float = 3.0
+    s_step: float = 0.05
+    split: str = "test"
+    output: str = "results/scaling_curve"
+    eval_batch_size: int = 512
+    device: str = "auto"
+
+    def scales(self) -> list[float]:
+        n = int(round((self.s_max - self.s_min) / self.s_step)) + 1
+        return [round(self.s_min + i * self.s_step, 6) for i in range(n)]
+
+
+def scaling_curve(cfg: CurveConfig) -> list[dict]:
+    from eval_scripts.linear_search import MergeEvaluator
+
+    if not cfg.updates:
+        raise ValueError("--updates needs at least one update folder")
+    updates = [load_update(p) for p in cfg.updates]
+    evaluator = MergeEvaluator(updates, resolve_device(cfg.device), cfg.eval_batch_size)
+    rows = []
+    for u in updates:
+        deltas = {n: u.delta(n) for n in u.names()}
+        t = evaluator.tasks[u.task]
+        for s in cfg.scales():
+            evaluator.apply(deltas, s)
+            r = evaluate(t.classifier, t.task, cfg.split, cfg.eval_batch_size, evaluator.device)
+            rows.append({"update": str(u.path), "task": u.task, "protected": u.protected, "kind": u.kind,
+                         "scale": s, "accuracy": r["accuracy"], "loss": r["loss"]})
+    evaluator.apply(None)
+    return rows
+
+
+def write_curve(rows: list[dict], output: str | Path) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out.with_suffix(".csv"), out.with_suffix(".png")
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for path in dict.fromkeys(r["update"] for r in rows):
+        pts = [r for r in rows if r["update"] == path]
+        label = f"{pts[0]['task']} {pts[0]['kind']} {'Trap²' if pts[0]['protected'] else 'plain'}"
+        style = "-" if pts[0]["protected"] else "--"
+        ax_acc.plot([r["scale"] for r in pts], [100 * r["accuracy"] for r in pts], style, label=label)
+        ax_loss.plot([r["scale"] for r in pts], [r["loss"] for r in pts], style, label=label)
+    for ax, name in ((ax_acc, "accuracy (%)"), (ax_loss, "cross-entropy")):
+        ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set(xlabel="update scale s  (W0 + s·ΔW)", ylabel=name)
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(CurveConfig, argv, "Accuracy and loss of saved updates against their scale s.")
+    csv_path, png_path = write_curve(scaling_curve(cfg), cfg.output)
+    print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Released updates: how an update attaches to a backbone, scales, saves and (safely) loads.
+
+Two formats, both a folder:
+- LoRA: a PEFT adapter (adapter_config.json + adapter_model.safetensors) that
+  `PeftModel.from_pretrained` loads, plus trap2_update.json.
+- full: update.safetensors holding ΔW = W_t − W0 per parameter, plus trap2_update.json.
+
+Released updates are untrusted input: tensors are read with safetensors only, and shapes,
+dtypes, finiteness and the base model's fingerprint are checked before anything is applied.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+METADATA_FILE = "trap2_update.json"
+FULL_FILE = "update.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+UPDATE_KINDS = ("lora", "full")
+
+
+class UpdateError(ValueError):
+    """A released update cannot be used as asked; the message says what is wrong and what to do."""
+
+
+@dataclass
+class ScaledUpdate:
+    """The parameters that carry an update and their anchors; scaling by s maps p -> a + s(p − a).
+
+    LoRA: the lora_B matrices, anchored at zero (ΔW = s·B·A·α/r).
+    Full: every trained parameter, anchored at a frozen copy of its starting value W0.
+    """
+
+    kind: str
+    params: dict[str, nn.Parameter]
+    anchors: dict[str, torch.Tensor | None]
+
+    @classmethod
+    def lora(cls, model: nn.Module) -> "ScaledUpdate":
+        params = {n: p for n, p in model.named_parameters() if ".lora_B." in n and p.requires_grad}
+        if not params:
+            raise UpdateError("no trainable lora_B parameters found: attach a LoRA adapter first")
+        return cls("lora", params, {n: None for n in params})
+
+    @classmethod
+    def full(cls, model: nn.Module) -> "ScaledUpdate":
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise UpdateError("no trainable parameters found for a full update")
+        return cls("full", params, {n: p.detach().clone() for n, p in params.items()})
+
+    def overrides(self, s: float) -> dict[str, torch.Tensor]:
+        """Parameter values of the update re-scaled by s, for torch.func.functional_call."""
+        out = {}
+        for name, p in self.params.items():
+            anchor = self.anchors[name]
+            out[name] = p * s if anchor is None else anchor + s * (p - anchor)
+        return out
+
+    @torch.no_grad()
+    def set_scale(self, s: float) -> "_InPlaceScale":
+        """Context manager applying the scale in place (for evaluation without functional_call)."""
+        return _InPlaceScale(self, s)
+
+
+class _InPlaceScale:
+    def __init__(self, update: ScaledUpdate, s: float):
+        self.update, self.s, self.saved = update, s, {}
+
+    def __enter__(self):
+        with torch.no_grad():
+            for name, value in self.update.overrides(self.s).items():
+                p = self.update.params[name]
+                self.saved[name] = p.detach().clone()
+                p.copy_(value)
+        return self.update
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                self.update.params[name].copy_(value)
+
+
+def fingerprint(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of a base model's tensors."""
+    items = state.items() if isinstance(state, dict) else state
+    h = hashlib.sha256()
+    for name, t in sorted(items, key=lambda kv: kv[0]):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_update(out_dir: str | Path, net: nn.Module, update: ScaledUpdate, metadata: dict,
+                prefix: str = "") -> Path:
+    """Writes the update of `net` (a PEFT model for LoRA, the plain module for full) to a folder.
+
+    `prefix` is the name of `net` inside the model the ScaledUpdate was built on (full updates).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if update.kind == "lora":
+        net.save_pretrained(out)
+    elif update.kind == "full":
+        deltas = {}
+        for name, p in update.params.items():
+            if not name.startswith(prefix):
+                continue
+            deltas[name[len(prefix):]] = (p.detach() - update.anchors[name]).to("cpu").contiguous()
+        save_file(deltas, str(out / FULL_FILE))
+    else:
+        raise UpdateError(f"unknown update kind {update.kind!r}")
+    _atomic_write_text(out / METADATA_FILE, json.dumps({"kind": update.kind, **metadata}, indent=2))
+    return out
+
+
+@dataclass
+class LoraFactors:
+    """One adapted layer: ΔW = scaling · B @ A, A (r × n), B (m × r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass
+class ReleasedUpdate:
+    """A loaded update, keyed by the base model's parameter names (e.g. `...q_proj.weight`)."""
+
+    path: Path
+    kind: str
+    metadata: dict
+    lora: dict[str, LoraFactors] = field(default_factory=dict)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.metadata.get("task", "?")
+
+    @property
+    def protected(self) -> bool:
+        return float(self.metadata.get("lambda_reg", 0.0)) > 0
+
+    def names(self) -> list[str]:
+        return sorted(self.lora if self.kind == "lora" else self.full)
+
+    def delta(self, name: str) -> torch.Tensor:
+        return self.lora[name].delta() if self.kind == "lora" else self.full[name]
+
+    def check_base(self, base_fingerprint: str, base_state: dict[str, torch.Tensor]) -> None:
+        """Fails with a clear message if this update was not trained on the given base."""
+        want = self.metadata.get("base_fingerprint")
+        if want != base_fingerprint:
+            raise UpdateError(
+                f"{self.path}: trained on base {self.metadata.get('base_model')!r} with fingerprint "
+                f"{want}, but the loaded base has fingerprint {base_fingerprint}. Load the same base "
+                f"(same --model and pretraining recipe) or retrain the update on this base.")
+        for name in self.names():
+            if name not in base_state:
+                raise UpdateError(f"{self.path}: updates parameter {name!r}, which the base lacks")
+            shape = tuple(self.delta(name).shape)
+            if shape != tuple(base_state[name].shape):
+                raise UpdateError(f"{self.path}: {name} has shape {shape}, base has "
+                                  f"{tuple(base_state[name].shape)}")
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    if not tensors:
+        raise UpdateError(f"{path}: holds no tensors")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise UpdateError(f"{path}: tensor {name} has dtype {t.dtype}; updates must be floating point")
+        if not torch.isfinite(t).all():
+            raise UpdateError(f"{path}: tensor {name} contains NaN or Inf; the update is corrupt")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UpdateError(f"{path} is missing: this folder is not a trap2 update (save it with "
+                          f"training_scripts, or add the metadata file)") from None
+    except json.JSONDecodeError as e:
+        raise UpdateError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UpdateError(f"{path} must hold a JSON object")
+    return data
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _lora_scaling(config: dict, module: str, rank: int) -> float:
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            alpha = value
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def load_update(path: str | Path) -> ReleasedUpdate:
+    """Loads a released update folder without unpickling anything."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UpdateError(f"{path} is not a folder; pass the folder that training_scripts saved")
+    meta = _read_json(path / METADATA_FILE)
+    kind = meta.get("kind")
+    if kind not in UPDATE_KINDS:
+        raise UpdateError(f"{path}: metadata kind is {kind!r}, expected one of {UPDATE_KINDS}")
+    if kind == "full":
+        if not (path / FULL_FILE).exists():
+            raise UpdateError(f"{path}: {FULL_FILE} is missing")
+        tensors = load_file(str(path / FULL_FILE))
+        _check_tensors(path, tensors)
+        return ReleasedUpdate(path, kind, meta, full=tensors)
+    config = _read_json(path / PEFT_CONFIG)
+    if config.get("fan_in_fan_out"):
+        raise UpdateError(f"{path}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
+    if not (path / PEFT_WEIGHTS).exists():
+        raise UpdateError(f"{path}: {PEFT_WEIGHTS} is missing (only safetensors adapters are read)")
+    tensors = load_file(str(path / PEFT_WEIGHTS))
+    _check_tensors(path, tensors)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise UpdateError(f"{path}: unexpected tensor {key!r} in a LoRA adapter (only lora_A/lora_B "
+                              f"weights are supported; biases and DoRA magnitudes are not)")
+        halves.setdefault(m["module"], {})[m["which"]] = t
+    factors = {}
+    for module, ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            raise UpdateError(f"{path}: {module} has lora_{''.join(ab)} but not both A and B")
+        A, B = ab["A"].float(), ab["B"].float()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise UpdateError(f"{path}: {module} has incompatible LoRA shapes A {tuple(A.shape)}, "
+                              f"B {tuple(B.shape)} (need A r×n, B m×r)")
+        factors[f"{module}.weight"] = LoraFactors(A, B, _lora_scaling(config, module, A.shape[0]))
+    return ReleasedUpdate(path, kind, meta, lora=factors)
+
+
+def apply_deltas(net: nn.Module, deltas: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    """Sets each named parameter of `net` to base + delta (others back to base), in place."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            value = base[name]
+            if name in deltas:
+                value = value + deltas[name].to(value.device, value.dtype)
+            p.copy_(value)

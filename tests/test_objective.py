@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.updates import ScaledUpdate
+from training_scripts.objective import SCALE_WEIGHTS, ScaleSampler, Trap2Objective
+
+
+def mse_loss(forward, batch):
+    x, y = batch
+    return ((forward(x) - y) ** 2).mean()
+
+
+def test_sampler_never_inside_band_and_covers_both_sides():
+    sampler = ScaleSampler(0.05, 2.0, 0.05)
+    s = torch.tensor(sampler.sample(20000, torch.Generator().manual_seed(0)))
+    assert ((s - 1).abs() >= 0.05).all()
+    assert s.min() >= 0.05 and s.max() <= 2.0
+    low, high = (s < 1).float().mean(), (s > 1).float().mean()
+    # uniform over the union: P(low side) = 0.9 / (0.9 + 0.95)
+    assert abs(low - 0.9 / 1.85) < 0.015 and abs(high - 0.95 / 1.85) < 0.015
+    # uniform within each side: quartiles of the low side sit at the expected places
+    lo = s[s < 1]
+    assert abs(torch.quantile(lo, 0.5) - (0.05 + 0.9 / 2)) < 0.02
+
+
+def test_sampler_rejects_empty_ranges():
+    with pytest.raises(ValueError):
+        ScaleSampler(0.97, 2.0, 0.05).sample(1, torch.Generator())  # low side negative length
+    with pytest.raises(ValueError):
+        ScaleSampler(0.0, 2.0, 0.05)  # w(s) = 1/s would divide by zero
+
+
+def test_sampler_is_seeded():
+    a = ScaleSampler().sample(5, torch.Generator().manual_seed(3))
+    b = ScaleSampler().sample(5, torch.Generator().manual_seed(3))
+    assert a == b
+
+
+def _toy(kind):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False)
+    w0 = model.weight.detach().clone()
+    update = ScaledUpdate.full(model)
+    with torch.no_grad():
+        model.weight.add_(torch.randn_like(model.weight) * 0.5)  # W_t = W0 + ΔW
+    return model, w0, update
+
+
+@pytest.mark.parametrize("weight", sorted(SCALE_WEIGHTS))
+def test_gradient_matches_hand_computation(weight):
+    model, w0, update = _toy("full")
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    s, lam = 0.3, 0.7
+    objective = Trap2Objective(lam, weight=weight, fixed_scales=[s])
+    objective.backward(model, update, mse_loss, (x, y))
+    # L(W) = mean((xWᵀ − y)²) → dL/dW = 2/(N·O) (xWᵀ − y)ᵀ x; the scaled pass adds a chain factor s.
+    n = y.numel()
+    W = model.weight.detach()
+    grad_nominal = 2 / n * (x @ W.T - y).T @ x
+    Ws = w0 + s * (W - w0)
+    grad_scaled = 2 / n * (x @ Ws.T - y).T @ x * s
+    expected = grad_nominal - lam * SCALE_WEIGHTS[weight](s) * grad_scaled
+    assert torch.allclose(model.weight.grad, expected, atol=1e-6)
+
+
+def test_lambda_zero_is_plain_gradient():
+    model, _, update = _toy("full")
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    Trap2Objective(0.0).backward(model, update, mse_loss, (x, y))
+    g = model.weight.grad.clone()
+    model.weight.grad = None
+    mse_loss(model, (x, y)).backward()
+    assert torch.equal(g, model.weight.grad)
+
+
+def test_multiple_samples_average():
+    model, _, update = _toy("full")
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    Trap2Objective(0.5, fixed_scales=[0.2, 1.5]).backward(model, update, mse_loss, (x, y))
+    g_two = model.weight.grad.clone()
+    parts = []
+    for s in (0.2, 1.5):
+        model.weight.grad = None
+        Trap2Objective(0.5, fixed_scales=[s]).backward(model, update, mse_loss, (x, y))
+        parts.append(model.weight.grad.clone())
+    model.weight.grad = None
+    mse_loss(model, (x, y)).backward()
+    nominal = model.weight.grad
+    assert torch.allclose(g_two, nominal + ((parts[0] - nominal) + (parts[1] - nominal)) / 2, atol=1e-6)
+
+
+def test_both_passes_share_dropout_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    update = ScaledUpdate.full(model)
+
+    def loss(forward, batch):
+        return forward(batch).pow(2).mean()
+
+    masks = []
+    hook = model[1].register_forward_hook(lambda m, i, o: masks.append((o == 0)))
+    Trap2Objective(1.0, fixed_scales=[1.0]).backward(model, update, loss, torch.randn(8, 4))
+    hook.remove()
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+
+
+def test_scale_one_reproduces_plain_forward_and_lora_scaling_is_exact():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    update = ScaledUpdate.lora(model)
+    x = torch.randn(3, 6)
+    layer = model.base_model.model[0]
+    W0, A, B = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    delta = B @ A * (4 / 2)
+    for s in (1.0, 0.5, 0.125, 1.7):
+        out = torch.func.functional_call(model, update.overrides(s), (x,), strict=False)
+        assert torch.allclose(out, x @ (W0 + s * delta).T + layer.base_layer.bias, atol=1e-5)
+    assert torch.equal(torch.func.functional_call(model, update.overrides(1.0), (x,), strict=False), model(x))
+
+
+def test_full_scaling_is_exact():
+    model, w0, update = _toy("full")
+    W = model.weight.detach().clone()
+    for s in (0.0, 0.5, 2.0):
+        assert torch.allclose(update.overrides(s)["weight"], w0 + s * (W - w0))
+    with update.set_scale(0.25):
+        assert torch.allclose(model.weight, w0 + 0.25 * (W - w0))
+    assert torch.equal(model.weight, W)  # restored on exit
+
+
+def test_weights():
+    assert SCALE_WEIGHTS["inv"](0.25) == 4 and SCALE_WEIGHTS["inv_sqrt"](0.25) == 2 and SCALE_WEIGHTS["none"](9) == 1
+    with pytest.raises(ValueError):
+        Trap2Objective(0.1, weight="square")
+    assert math.isclose(SCALE_WEIGHTS["inv_sqrt"](2.0), 2 ** -0.5)

@@ -1,0 +1,5 @@
+"""The paper's command name: python -m training_scripts.8vision_training_full (defaults --peft full --lambda_reg 0.0)."""
+from training_scripts.__main__ import main
+
+if __name__ == "__main__":
+    main(defaults={"peft": "full", "lambda_reg": 0.0})

@@ -1,0 +1,133 @@
+"""Run configuration: dataclass defaults < YAML file (--config) < command-line flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    dataset: str = ""
+    suite: str = "offline"
+    model: str = "offline-vit"
+    peft: str = "lora"  # lora | full
+    # Trap² (paper CLI names); lambda_reg = 0 is the unprotected baseline
+    lambda_reg: float = 0.0
+    rand_alpha_min: float = 0.05
+    rand_alpha_max: float = 2.0
+    band: float = 0.05
+    rand_alpha_weight: str = "inv"  # inv | inv_sqrt | none
+    scale_samples: int = 1
+    fixed_scales: list[float] | None = None
+    # LoRA
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] | None = None  # default: the backbone's (q/k/v/out_proj, or fc1/fc2)
+    # optimisation
+    lr: float | None = None  # default 3e-4 for LoRA, 1e-5 for full
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    batch_size: int = 32
+    max_steps: int = 10000
+    warmup_steps: int = 500
+    max_grad_norm: float = 1.0
+    eval_freq: int = 2000
+    patience: int = 5
+    min_delta: float = 0.001
+    amp: str = "auto"  # auto (fp16 + GradScaler on GPU, off on CPU) | fp16 | bf16 | none
+    gradient_checkpointing: bool = False
+    # data and heads
+    data_seed: int = 0
+    head_shots: int = 16
+    split_sizes: dict[str, int] | None = None  # offline suite: override train/val/test sizes
+    pretrain_steps: int | None = None  # offline bases: override the pretraining recipe's steps
+    eval_batch_size: int = 256
+    # bookkeeping
+    seed: int = 420
+    device: str = "auto"
+    output_dir: str | None = None  # default: runs/<suite>/<model>/<peft>/<dataset>-<plain|trap2>
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.peft not in ("lora", "full"):
+            raise ValueError(f"--peft must be lora or full, got {self.peft!r}")
+        if self.amp not in ("auto", "fp16", "bf16", "none"):
+            raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
+        for name in ("batch_size", "max_steps", "eval_freq", "patience", "head_shots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (3e-4 if self.peft == "lora" else 1e-5)
+
+    @property
+    def protected(self) -> bool:
+        return self.lambda_reg > 0
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        tag = "trap2" if self.protected else "plain"
+        return Path("runs") / self.suite / self.model / self.peft / f"{self.dataset}-{tag}"
+
+
+def _arg_type(tp: Any):
+    """argparse type and nargs for a dataclass field type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _arg_type(inner[0])
+    if origin is list:
+        return args[0], "+"
+    if origin is dict:
+        return yaml.safe_load, None
+    if tp is bool:
+        return lambda s: str(s).lower() in ("1", "true", "yes", "on"), None
+    return tp, None
+
+
+def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
+    """Builds `cls` from its defaults, then `defaults`, then a YAML --config, then flags."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, nargs = _arg_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", type=tp, nargs=nargs, default=argparse.SUPPRESS,
+                            help=f"(default: {default})")
+    ns = vars(parser.parse_args(argv))
+    values = dict(defaults or {})
+    config_path = ns.pop("config", None)
+    if config_path is not None:
+        if not config_path.exists():
+            parser.error(f"config file {config_path} does not exist")
+        loaded = yaml.safe_load(config_path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            parser.error(f"{config_path} must hold a mapping of option: value")
+        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            parser.error(f"{config_path}: unknown options {sorted(unknown)}")
+        values.update(loaded)
+    values.update(ns)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,148 @@
+"""The Trap² objective, the one implementation every trainer uses.
+
+    J(ΔW) = L(W0 + ΔW) − λ · w(s) · L(W0 + s·ΔW),   s ~ Unif([s_min, 1−δ] ∪ [1+δ, s_max])
+
+The update stays useful at s = 1 and is pushed to break at every other scale, so merging (which
+rescales each update by roughly 1/N) moves it off its working point.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from models.updates import ScaledUpdate
+
+SCALE_WEIGHTS: dict[str, Callable[[float], float]] = {
+    "inv": lambda s: 1.0 / s,  # paper default for vision
+    "inv_sqrt": lambda s: 1.0 / math.sqrt(s),  # release default of the math trainer
+    "none": lambda s: 1.0,
+}
+
+
+@dataclass(frozen=True)
+class ScaleSampler:
+    """Uniform distribution on [s_min, 1−δ] ∪ [1+δ, s_max], sampled exactly (no rejection)."""
+
+    s_min: float = 0.05
+    s_max: float = 2.0
+    delta: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.s_min > 0:
+            raise ValueError(f"s_min must be > 0 (w(s) divides by s), got {self.s_min}")
+        if self.delta < 0:
+            raise ValueError(f"the band delta must be >= 0, got {self.delta}")
+        if self.low_length < 0 or self.high_length < 0 or self.low_length + self.high_length <= 0:
+            raise ValueError(
+                f"empty scale range: need s_min <= 1-delta <= 1+delta <= s_max with some room, got "
+                f"s_min={self.s_min}, delta={self.delta}, s_max={self.s_max}")
+
+    @property
+    def low_length(self) -> float:
+        return (1.0 - self.delta) - self.s_min
+
+    @property
+    def high_length(self) -> float:
+        return self.s_max - (1.0 + self.delta)
+
+    def sample(self, n: int, generator: torch.Generator) -> list[float]:
+        """n scales; one uniform draw over the joined length is mapped onto the two intervals."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64) * (self.low_length + self.high_length)
+        low = u < self.low_length
+        s = torch.where(low, self.s_min + u, (1.0 + self.delta) + (u - self.low_length))
+        return s.tolist()
+
+
+class RngSnapshot:
+    """Global RNG state (CPU and, where used, CUDA) so both passes draw the same dropout masks."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+LossFn = Callable[[Callable[..., object], object], torch.Tensor]
+"""loss_fn(forward, batch) -> scalar loss; `forward` is the model or its re-scaled functional twin."""
+
+
+class Trap2Objective:
+    """Accumulates the gradient of J for one batch: a nominal pass, then K off-nominal passes.
+
+    Each pass is back-propagated on its own (memory of one pass at a time); the caller clips and
+    steps. λ = 0 is the unprotected baseline and runs the very same code without the off-nominal
+    passes (their weight would be zero).
+    """
+
+    def __init__(self, lambda_reg: float, sampler: ScaleSampler | None = None, weight: str = "inv",
+                 samples_per_step: int = 1, fixed_scales: Sequence[float] | None = None, seed: int = 0):
+        if lambda_reg < 0:
+            raise ValueError(f"lambda_reg must be >= 0, got {lambda_reg}")
+        if weight not in SCALE_WEIGHTS:
+            raise ValueError(f"unknown scale weight {weight!r}; choose one of {sorted(SCALE_WEIGHTS)}")
+        if samples_per_step < 1:
+            raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
+        if fixed_scales is not None and any(s <= 0 for s in fixed_scales):
+            raise ValueError(f"fixed scales must be > 0, got {list(fixed_scales)}")
+        self.lambda_reg = lambda_reg
+        self.sampler = sampler or ScaleSampler()
+        self.weight_name = weight
+        self.weight = SCALE_WEIGHTS[weight]
+        self.samples_per_step = samples_per_step
+        self.fixed_scales = list(fixed_scales) if fixed_scales else None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def protects(self) -> bool:
+        return self.lambda_reg > 0
+
+    def scales_for_step(self) -> list[float]:
+        if self.fixed_scales is not None:
+            return list(self.fixed_scales)
+        return self.sampler.sample(self.samples_per_step, self.generator)
+
+    def backward(self, model: nn.Module, update: ScaledUpdate, loss_fn: LossFn, batch: object,
+                 scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+                 autocast: Callable[[], ContextManager] = nullcontext) -> dict[str, float]:
+        """Back-propagates J on `batch` into the update's .grad and returns the pass losses.
+
+        `scale_loss` is the AMP grad scaler's `scale` (identity without AMP).
+        """
+        device = next(iter(update.params.values())).device
+        rng = RngSnapshot(device)
+        with autocast():
+            nominal = loss_fn(model, batch)
+        scale_loss(nominal).backward()
+        metrics = {"loss": float(nominal.detach())}
+        if not self.protects:
+            return metrics
+        scales = self.scales_for_step()
+        off_losses = []
+        for s in scales:
+            rng.restore()
+            overrides = update.overrides(s)
+
+            def scaled_forward(*args, **kwargs):
+                return functional_call(model, overrides, args, kwargs, strict=False)
+
+            with autocast():
+                off = loss_fn(scaled_forward, batch)
+            term = -self.lambda_reg * self.weight(s) * off / len(scales)
+            scale_loss(term).backward()
+            off_losses.append(float(off.detach()))
+        metrics["loss_off"] = sum(off_losses) / len(off_losses)
+        metrics["scale"] = scales[0] if len(scales) == 1 else sum(scales) / len(scales)
+        metrics["objective"] = metrics["loss"] - self.lambda_reg * sum(
+            self.weight(s) * l for s, l in zip(scales, off_losses)) / len(scales)
+        return metrics

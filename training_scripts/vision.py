@@ -1,0 +1,135 @@
+"""Vision trainer: one code path for LoRA and full updates, protected (λ > 0) or not, any backbone."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.updates import METADATA_FILE, ScaledUpdate, save_update
+from models.vision import classifier_for, evaluate, load_base, load_task, offline_base_options
+from training_scripts.config import TrainConfig, config_dict
+from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp, run_loop
+from training_scripts.objective import ScaleSampler, Trap2Objective
+
+REPORT_SCALES = (0.0, 0.125, 0.5, 1.0)  # s = 0 is the frozen base; 1/8 and 1/2 are merge-like scales
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no GPU is visible; use --device cpu")
+    return device
+
+
+def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
+    """Makes the backbone's update trainable (LoRA adapter or all weights) and returns it."""
+    backbone = model.backbone
+    if cfg.peft == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets or list(backbone.spec.lora_targets)
+        backbone.net = get_peft_model(backbone.net, LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=targets, bias="none"))
+        return ScaledUpdate.lora(model)
+    for p in backbone.net.parameters():
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing and hasattr(backbone.net, "gradient_checkpointing_enable"):
+        backbone.net.gradient_checkpointing_enable()
+    return ScaledUpdate.full(model)
+
+
+def scale_report(model, update: ScaledUpdate, task, split: str, cfg: TrainConfig, device) -> dict[str, dict]:
+    out = {}
+    for s in REPORT_SCALES:
+        with update.set_scale(s):
+            out[f"{s:g}"] = evaluate(model, task, split, cfg.eval_batch_size, device)
+    return out
+
+
+def train_vision(cfg: TrainConfig) -> Path:
+    """Trains one update and saves it (with metadata and metrics) to the output folder."""
+    if not cfg.dataset:
+        raise ValueError("--dataset is required (e.g. --dataset gtsrb)")
+    out_dir = cfg.resolved_output_dir()
+    if (out_dir / METADATA_FILE).exists() and not (out_dir / CHECKPOINT).exists():
+        if not cfg.overwrite:
+            print(f"{out_dir} already holds a finished update; pass --overwrite true to retrain")
+            return out_dir
+        shutil.rmtree(out_dir)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    base_options = offline_base_options(cfg.pretrain_steps) if cfg.model.startswith("offline-") else {}
+    base = load_base(cfg.model, base_options, device)
+    task = load_task(base, cfg.suite, cfg.dataset, cfg.data_seed, cfg.split_sizes)
+    model = classifier_for(base, task, cfg.suite, cfg.head_shots, cfg.data_seed)
+    seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
+    update = attach_update(model, cfg)
+    model.to(device)
+    if cfg.peft == "full":  # anchors were cloned before the move
+        update.anchors = {n: a.to(device) for n, a in update.anchors.items()}
+
+    objective = Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
+                               cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1)
+    n_train = task.size("train")
+    per_epoch = max(1, n_train // cfg.batch_size)
+    cache: dict[int, torch.Tensor] = {}
+
+    def batch_at(step: int):
+        """The batch of a step: epoch-wise permutations seeded by (seed, epoch), last partial batch dropped."""
+        epoch, k = divmod(step, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        x, y = task.batch("train", cache[epoch][k * cfg.batch_size:(k + 1) * cfg.batch_size])
+        return x.to(device), y.to(device)
+
+    def loss_fn(forward, batch):
+        x, y = batch
+        return F.cross_entropy(forward(x).float(), y)
+
+    settings = LoopSettings(
+        lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+        eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
+        amp=resolve_amp(cfg.amp, device), progress=cfg.progress)
+    result = run_loop(model, update, objective, loss_fn, batch_at,
+                      lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
+                      settings, out_dir, device)
+
+    val = evaluate(model, task, "val", cfg.eval_batch_size, device)
+    test_by_scale = scale_report(model, update, task, "test", cfg, device)
+    import peft
+    import transformers
+
+    metadata = {
+        "task": cfg.dataset, "suite": cfg.suite, "base_model": cfg.model, "base_options": base.options,
+        "base_fingerprint": base.fingerprint, "n_classes": len(task.classes), "protected": cfg.protected,
+        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg),
+        "val_accuracy": val["accuracy"], "test_accuracy": test_by_scale["1"]["accuracy"],
+        "zero_shot_test_accuracy": test_by_scale["0"]["accuracy"],
+        "test_by_scale": test_by_scale, "best_step": result.best_step, "steps_run": result.steps_run,
+        "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
+        "versions": {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__},
+    }
+    save_update(out_dir, model.backbone.net, update, metadata, prefix="backbone.net.")
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    summary = {k: metadata[k] for k in ("task", "protected", "val_accuracy", "test_accuracy", "zero_shot_test_accuracy")}
+    summary["test_accuracy_by_scale"] = {s: round(r["accuracy"], 4) for s, r in test_by_scale.items()}
+    print(json.dumps(summary))
+    return out_dir
