@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -585,8 +586,7 @@ TASKS: dict[str, tuple[list[str], Callable]] = {
 
 
 def cache_root() -> Path:
-    import os
-
+    """Where generated data, pretrained bases and heads are cached ($TRAP2_DATA, default ./data)."""
     return Path(os.environ.get("TRAP2_DATA", Path(__file__).resolve().parent.parent / "data"))
 
 

@@ -229,20 +229,23 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
     all_updates = [u for ups in scenarios.values() for u in ups] + others
     evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit)
     log = PointLog(out / "points.jsonl")
+    # The pre-merge pass does not depend on the merge method or space: one log per target folder.
+    pre_log = PointLog(out.parent / "pre_merge.jsonl")
 
     # pre-merge pass: zero-shot, and each update alone on every task (standalone accuracy = diagonal)
     pre = {"zero_shot": {}, "alone": {}}
     for split in ("val", "test"):
-        key = _key(phase="pre-merge", split=split, updates=[str(u.path) for u in all_updates])
-        if key not in log.done:
+        key = _key(phase="pre-merge", split=split, updates=[str(u.path) for u in all_updates],
+                   val_limit=cfg.val_limit if split == "val" else None)
+        if key not in pre_log.done:
             evaluator.apply(None)
             rec = {"zero_shot": evaluator.all_tasks(split), "alone": {}}
             for u in all_updates:
                 evaluator.apply({n: u.delta(n) for n in u.names()}, 1.0)
                 rec["alone"][str(u.path)] = evaluator.all_tasks(split)
-            log.write({"key": key, "phase": "pre-merge", "split": split, **rec})
-        pre["zero_shot"][split] = log.done[key]["zero_shot"]
-        pre["alone"][split] = log.done[key]["alone"]
+            pre_log.write({"key": key, "phase": "pre-merge", "split": split, **rec})
+        pre["zero_shot"][split] = pre_log.done[key]["zero_shot"]
+        pre["alone"][split] = pre_log.done[key]["alone"]
 
     summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {}}
     for name, ups in scenarios.items():

@@ -58,7 +58,7 @@ def write_curve(rows: list[dict], output: str | Path) -> tuple[Path, Path]:
 
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out.with_suffix(".csv"), out.with_suffix(".png")
+    csv_path, png_path = Path(f"{out}.csv"), Path(f"{out}.png")
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -83,3 +83,26 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     "offline-convnext", "open-clip", _offline("offline-convnext"), CONVNEXT_TARGETS, 32, (0.5,) * 3, (0.5,) * 3,
     "tiny OpenCLIP TimmModel ConvNeXt (dims 32-256, depths 1-1-2-1), pretrained here"))
+
+
+def _hf_clip_vision(default_id: str):
+    def build(pretrained: str | None = None, revision: str | None = None):
+        """CLIP vision tower with projection from the hub id (or a local folder via `pretrained`)."""
+        from transformers import CLIPVisionModelWithProjection
+
+        source = pretrained or default_id
+        try:
+            return CLIPVisionModelWithProjection.from_pretrained(source, revision=revision).eval()
+        except (OSError, ValueError) as e:  # missing folder, bad id, or no network
+            raise OSError(f"could not load CLIP weights {source!r}: {e}\nWith no internet, download them once "
+                          f"elsewhere (huggingface-cli download {default_id}) and pass "
+                          f"--base_options '{{pretrained: /path/to/folder}}'.") from None
+    return build
+
+
+register_backbone(BackboneSpec(
+    "clip-vit-b32", "hf-clip", _hf_clip_vision("openai/clip-vit-base-patch32"), HF_CLIP_TARGETS, 224,
+    CLIP_MEAN, CLIP_STD, "OpenAI CLIP ViT-B/32 vision tower (transformers)"))
+register_backbone(BackboneSpec(
+    "clip-vit-l14", "hf-clip", _hf_clip_vision("openai/clip-vit-large-patch14"), HF_CLIP_TARGETS, 224,
+    CLIP_MEAN, CLIP_STD, "OpenAI CLIP ViT-L/14 vision tower (transformers)"))

@@ -30,10 +30,6 @@ def load_base(name: str, options: dict | None = None, device: torch.device | str
     return Base(backbone.to(device).eval(), fp, name, options)
 
 
-def offline_base_options(pretrain_steps: int | None) -> dict:
-    return {"steps": pretrain_steps} if pretrain_steps is not None else {}
-
-
 def task_head(base: Base, task: VisionTask, suite: str, shots: int, data_seed: int) -> torch.Tensor:
     """The frozen zero-shot head of a task for this base, shared by every run (cached on disk)."""
     path = cache_root() / "heads" / base.fingerprint / f"{suite}-{task.name}-seed{data_seed}-shots{shots}.safetensors"
@@ -65,8 +61,10 @@ def evaluate(model: torch.nn.Module, task: VisionTask, split: str, batch_size: i
     model.eval()
     correct, loss, n = 0, 0.0, 0
     for x, y in task.batches(split, batch_size):
-        if limit is not None and n >= limit:
-            break
+        if limit is not None:
+            if n >= limit:
+                break
+            x, y = x[:limit - n], y[:limit - n]
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         correct += int((logits.argmax(-1) == y).sum())

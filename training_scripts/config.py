@@ -50,7 +50,7 @@ class TrainConfig:
     data_seed: int = 0
     head_shots: int = 16
     split_sizes: dict[str, int] | None = None  # offline suite: override train/val/test sizes
-    pretrain_steps: int | None = None  # offline bases: override the pretraining recipe's steps
+    base_options: dict | None = None  # passed to the backbone builder (offline: recipe overrides, e.g. {steps: 50})
     eval_batch_size: int = 256
     # bookkeeping
     seed: int = 420

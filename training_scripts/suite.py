@@ -21,7 +21,7 @@ from training_scripts.vision import REPORT_SCALES, train_vision
 @dataclass
 class SuiteConfig(TrainConfig):
     tasks: list[str] | None = None  # default: the eight paper tasks
-    protect_lambda: float = 0.1  # λ of the protected runs (the unprotected ones use 0)
+    protect_lambda: float = 0.02  # λ of the protected runs (the unprotected ones use 0)
     runs_root: str = "runs"
     results: str | None = None  # default: results/<suite>/<model>/<peft>/standalone
 
@@ -62,10 +62,10 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join([r["task"]] + [f"{100 * r[c]:.1f}" for c in cols[1:]]) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2))
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2))
     print("\n".join(lines))
-    return out.with_suffix(".md")
+    return Path(f"{out}.md")
 
 
 def main(argv=None) -> None:

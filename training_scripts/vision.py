@@ -12,12 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from models.updates import METADATA_FILE, ScaledUpdate, save_update
-from models.vision import classifier_for, evaluate, load_base, load_task, offline_base_options
+from models.vision import classifier_for, evaluate, load_base, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp, run_loop
 from training_scripts.objective import ScaleSampler, Trap2Objective
 
 REPORT_SCALES = (0.0, 0.125, 0.5, 1.0)  # s = 0 is the frozen base; 1/8 and 1/2 are merge-like scales
+SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
+BOOKKEEPING = {"output_dir", "overwrite", "progress", "device"}
+
+
+def _differing_settings(saved: dict, current: dict) -> dict:
+    return {k: (saved.get(k), v) for k, v in current.items() if k not in BOOKKEEPING and saved.get(k) != v}
 
 
 def seed_everything(seed: int) -> None:
@@ -67,15 +73,24 @@ def train_vision(cfg: TrainConfig) -> Path:
     if not cfg.dataset:
         raise ValueError("--dataset is required (e.g. --dataset gtsrb)")
     out_dir = cfg.resolved_output_dir()
-    if (out_dir / METADATA_FILE).exists() and not (out_dir / CHECKPOINT).exists():
-        if not cfg.overwrite:
-            print(f"{out_dir} already holds a finished update; pass --overwrite true to retrain")
-            return out_dir
+    finished = (out_dir / METADATA_FILE).exists() and not (out_dir / CHECKPOINT).exists()
+    if cfg.overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
+    elif finished or (out_dir / CHECKPOINT).exists():
+        meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
+        saved = json.loads(meta_path.read_text())["config"] if meta_path.exists() else config_dict(cfg)
+        differing = _differing_settings(saved, config_dict(cfg))
+        if differing:
+            raise ValueError(f"{out_dir} holds a run with other settings ({differing}); pass --overwrite true "
+                             f"to replace it or choose another --output_dir")
+        if finished:
+            print(f"{out_dir} already holds this finished update; pass --overwrite true to retrain")
+            return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SETTINGS_FILE).write_text(json.dumps({"config": config_dict(cfg)}, indent=2))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    base_options = offline_base_options(cfg.pretrain_steps) if cfg.model.startswith("offline-") else {}
-    base = load_base(cfg.model, base_options, device)
+    base = load_base(cfg.model, cfg.base_options, device)
     task = load_task(base, cfg.suite, cfg.dataset, cfg.data_seed, cfg.split_sizes)
     model = classifier_for(base, task, cfg.suite, cfg.head_shots, cfg.data_seed)
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state

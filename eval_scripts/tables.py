@@ -1,0 +1,117 @@
+"""Collect results into the paper's layouts, as Markdown and LaTeX.
+
+    python -m eval_scripts.tables [--results results] [--output results/tables]
+
+- Standalone table (paper Table 1): mean test accuracy over the suite's tasks of the zero-shot
+  base, the unprotected fine-tune and the Trap²-protected update (from training_scripts.suite).
+- Post-merging tables: per target, method × space, the target's test accuracy after the attacker's
+  best merge, protected vs the all-unprotected control, and the mean over tasks.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from training_scripts.config import parse_config
+
+
+@dataclass
+class TablesConfig:
+    results: str = "results"
+    output: str | None = None  # default: <results>/tables(.md|.tex)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def standalone_rows(root: Path) -> list[dict]:
+    rows = []
+    for path in sorted(root.glob("**/standalone.json")):
+        data = json.loads(path.read_text())
+        cfg, mean = data["config"], data["rows"][-1]
+        rows.append({"backbone": cfg["model"], "update": cfg["peft"], "tasks": len(data["rows"]) - 1,
+                     "zero-shot": mean["zero_shot"], "fine-tuned": mean["plain@1"], "Trap²": mean["trap2@1"],
+                     "fine-tuned @ s=0.5": mean["plain@0.5"], "Trap² @ s=0.5": mean["trap2@0.5"],
+                     "Trap² @ s=1/8": mean["trap2@0.125"]})
+    return rows
+
+
+def merge_rows(root: Path) -> list[dict]:
+    rows = []
+    for path in sorted(root.glob("**/summary.json")):
+        data = json.loads(path.read_text())
+        cfg, sc = data["config"], data["scenarios"]
+        if "protected" not in sc or "control" not in sc:
+            continue
+        target = cfg["target"]
+        p, c = sc["protected"], sc["control"]
+        zero = data["pre_merge"]["zero_shot"]["test"][target]
+        row = {"group": str(path.parent.relative_to(root).parent), "method": cfg["merge_method"],
+               "space": cfg["merge_space"], "zero-shot target": zero,
+               "target Trap²": p["test"][target], "target control": c["test"][target],
+               "mean Trap²": sum(p["test"].values()) / len(p["test"]),
+               "mean control": sum(c["test"].values()) / len(c["test"])}
+        if "adaptive" in p:
+            row["target Trap² (adaptive)"] = p["adaptive"]["test"][target]
+        rows.append(row)
+    order = {m: i for i, m in enumerate(["tv", "ties", "dare_ties", "tsv", "cart"])}
+    spaces = {s: i for i, s in enumerate(["full", "knots", "core"])}
+    rows.sort(key=lambda r: (r["group"], spaces.get(r["space"], 9), order.get(r["method"], 9), r["method"]))
+    return rows
+
+
+def _markdown(rows: list[dict], title: str) -> list[str]:
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    out = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_pct(r[c]) if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+    return out + [""]
+
+
+def _latex(rows: list[dict], title: str) -> list[str]:
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    esc = lambda s: str(s).replace("_", r"\_").replace("²", r"$^2$").replace("%", r"\%")
+    out = [f"% {title}", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
+           " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
+    for r in rows:
+        out.append(" & ".join(_pct(r[c]) if isinstance(r.get(c), float) else esc(r.get(c, "")) for c in cols) + r" \\")
+    return out + [r"\bottomrule", r"\end{tabular}", ""]
+
+
+def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
+    root = Path(cfg.results)
+    standalone, merged = standalone_rows(root), merge_rows(root)
+    if not standalone and not merged:
+        raise FileNotFoundError(f"no standalone.json or summary.json under {root}: run training_scripts.suite "
+                                f"and eval_scripts first")
+    md = ["# Results", "", "Accuracies in %, test split."]
+    tex = []
+    md += _markdown(standalone, "Standalone mean accuracy (Table 1 layout)")
+    tex += _latex(standalone, "Standalone mean accuracy")
+    for group in dict.fromkeys(r["group"] for r in merged):
+        rows = [{k: v for k, v in r.items() if k != "group"} for r in merged if r["group"] == group]
+        for r in rows:
+            r["protected lower?"] = "yes" if r["target Trap²"] < r["target control"] else "NO"
+        md += _markdown(rows, f"Post-merging: {group}")
+        tex += _latex(rows, f"Post-merging: {group}")
+    out = Path(cfg.output or root / "tables")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text("\n".join(md) + "\n")
+    Path(f"{out}.tex").write_text("\n".join(tex) + "\n")
+    return Path(f"{out}.md"), Path(f"{out}.tex")
+
+
+def main(argv=None) -> None:
+    md, tex = build_tables(parse_config(TablesConfig, argv, __doc__))
+    print(md.read_text())
+    print(f"wrote {md} and {tex}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+import csv
+import json
+
+import pytest
+
+from eval_scripts.linear_search import MergeConfig, run_merge_eval
+from eval_scripts.scaling_curve import CurveConfig, scaling_curve, write_curve
+from eval_scripts.tables import TablesConfig, build_tables
+from models.updates import UpdateError
+
+
+def merge_cfg(paths, out, **extra):
+    args = dict(target="gtsrb", protected=[str(paths["gtsrb-trap2"])], control=[str(paths["gtsrb-plain"])],
+                others=[str(paths["mnist-plain"])], coef_start=0.2, coef_stop=1.0, coef_step=0.4, patience=2,
+                output_dir=str(out), progress=False)
+    args.update(extra)
+    return MergeConfig(**args)
+
+
+@pytest.mark.parametrize("method,space", [("ties", "core"), ("tv", "knots")])
+def test_merge_eval_end_to_end_and_resume(trained_updates, tmp_path, method, space):
+    cfg = merge_cfg(trained_updates, tmp_path, merge_method=method, merge_space=space, adaptive=True)
+    out = run_merge_eval(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["scenarios"]) == {"protected", "control"}
+    for res in summary["scenarios"].values():
+        assert res["c"] in cfg.coefficients()
+        assert set(res["test"]) == {"gtsrb", "mnist"}
+        assert 0 <= res["test"]["gtsrb"] <= 1
+        assert "adaptive" in res and res["adaptive"]["target_coefficient"] in cfg.coefficients() + [1.0]
+    if method == "ties":  # the method grid ran after the coefficient search
+        grid_points = [json.loads(l) for l in (out / "points.jsonl").read_text().splitlines()]
+        assert any(p.get("phase") == "grid:top_k" for p in grid_points)
+    for name in ("summary.csv", "row.tex", "curve.png"):
+        assert (out / name).stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {r["scenario"] for r in rows} == {"protected", "control"}
+    md, tex = build_tables(TablesConfig(results=str(tmp_path)))
+    table = md.read_text()
+    assert f"| {method} | {space} |" in table and "protected lower?" in table
+    assert "\\begin{tabular}" in tex.read_text()
+
+    # a rerun evaluates nothing new: every point is read back from points.jsonl
+    lines_before = (out / "points.jsonl").read_text().count("\n")
+    import eval_scripts.linear_search as ls
+
+    calls = []
+    original = ls.MergeEvaluator.all_tasks
+
+    def counting(self, split):
+        calls.append(split)
+        return original(self, split)
+
+    ls.MergeEvaluator.all_tasks = counting
+    try:
+        run_merge_eval(cfg)
+    finally:
+        ls.MergeEvaluator.all_tasks = original
+    assert (out / "points.jsonl").read_text().count("\n") == lines_before
+    assert all(split == "test" for split in calls)  # only the final test reports are recomputed
+
+
+def test_merge_eval_rejects_mislabelled_inputs(trained_updates, tmp_path):
+    swapped = merge_cfg(trained_updates, tmp_path, protected=[str(trained_updates["gtsrb-plain"])])
+    with pytest.raises(UpdateError, match="listed as protected"):
+        run_merge_eval(swapped)
+    wrong_target = merge_cfg(trained_updates, tmp_path, target="mnist")
+    with pytest.raises(UpdateError, match="--target"):
+        run_merge_eval(wrong_target)
+    with pytest.raises(KeyError, match="unknown merge method"):
+        run_merge_eval(merge_cfg(trained_updates, tmp_path, merge_method="magic"))
+
+
+def test_scaling_curve_writes_csv_and_png(trained_updates, tmp_path):
+    cfg = CurveConfig(updates=[str(trained_updates["gtsrb-plain"]), str(trained_updates["gtsrb-trap2"])],
+                      s_min=0.0, s_max=1.0, s_step=0.5)
+    rows = scaling_curve(cfg)
+    assert len(rows) == 6
+    assert {r["protected"] for r in rows} == {True, False}
+    # s = 0 is the frozen base for both updates
+    zero = [r["accuracy"] for r in rows if r["scale"] == 0.0]
+    assert zero[0] == zero[1]
+    # s = 1 reproduces the accuracy recorded at training time
+    meta = json.loads((trained_updates["gtsrb-plain"] / "trap2_update.json").read_text())
+    one = next(r for r in rows if r["scale"] == 1.0 and not r["protected"])
+    assert one["accuracy"] == pytest.approx(meta["test_by_scale"]["1"]["accuracy"])
+    csv_path, png_path = write_curve(rows, tmp_path / "curve")
+    assert csv_path.read_text().count("\n") == 7 and png_path.stat().st_size > 1000
+
+
+def test_evaluate_limit_counts_images_not_batches(trained_updates):
+    import torch
+
+    from models.updates import load_update
+    from models.vision import evaluate
+    from eval_scripts.linear_search import MergeEvaluator
+
+    ev = MergeEvaluator([load_update(trained_updates["gtsrb-plain"])], torch.device("cpu"), eval_batch_size=512)
+    t = ev.tasks["gtsrb"]
+    limited = evaluate(t.classifier, t.task, "val", 512, "cpu", limit=10)
+    x, y = t.task.batch("val", torch.arange(10))
+    with torch.no_grad():
+        expected = (t.classifier(x).argmax(-1) == y).float().mean().item()
+    assert limited["accuracy"] == pytest.approx(expected)

@@ -1,0 +1,152 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_train_args
+from models.updates import METADATA_FILE, PEFT_WEIGHTS, UpdateError, load_update
+from training_scripts.config import TrainConfig, parse_config
+from training_scripts.vision import train_vision
+
+
+def test_trained_update_is_a_peft_adapter_and_round_trips(trained_updates):
+    from peft import PeftModel
+
+    from models.vision import load_base
+
+    path = trained_updates["gtsrb-trap2"]
+    meta = json.loads((path / METADATA_FILE).read_text())
+    assert meta["protected"] and meta["kind"] == "lora" and meta["task"] == "gtsrb"
+    assert set(meta["test_by_scale"]) == {"0", "0.125", "0.5", "1"}
+    base = load_base(meta["base_model"], meta["base_options"])
+    assert base.fingerprint == meta["base_fingerprint"]
+    x = torch.randn(4, 3, 32, 32)
+    peft_model = PeftModel.from_pretrained(load_base(meta["base_model"], meta["base_options"]).backbone.net, path)
+    peft_model.eval()
+    expected = peft_model(pixel_values=x).image_embeds
+    # our loader gives ΔW per base weight; base + ΔW must match PEFT's own forward
+    update = load_update(path)
+    assert all(name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight"))
+               for name in update.names())
+    state = dict(base.backbone.net.state_dict())
+    update.check_base(base.fingerprint, state)
+    with torch.no_grad():
+        for name in update.names():
+            state[name] = state[name] + update.delta(name)
+    base.backbone.net.load_state_dict(state)
+    assert torch.allclose(base.backbone.net(pixel_values=x).image_embeds, expected, atol=1e-5)
+
+
+def test_same_seed_same_update_bit_for_bit(tmp_path):
+    a = train_vision(TrainConfig(**tiny_train_args(tmp_path / "a", lambda_reg=0.1)))
+    b = train_vision(TrainConfig(**tiny_train_args(tmp_path / "b", lambda_reg=0.1)))
+    c = train_vision(TrainConfig(**tiny_train_args(tmp_path / "c", lambda_reg=0.1, seed=7)))
+    ta, tb, tc = (load_file(str(p / PEFT_WEIGHTS)) for p in (a, b, c))
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_full_update_trains_saves_and_loads(tmp_path):
+    path = train_vision(TrainConfig(**tiny_train_args(tmp_path / "full", peft="full", lambda_reg=0.1, lr=1e-4)))
+    update = load_update(path)
+    assert update.kind == "full"
+    assert any(n.endswith("bias") for n in update.names())  # every trained tensor, not just matrices
+    assert any(update.delta(n).abs().max() > 0 for n in update.names())
+
+
+def test_convnext_lora_targets_mlp(tmp_path):
+    path = train_vision(TrainConfig(**tiny_train_args(tmp_path / "cnx", model="offline-convnext")))
+    names = load_update(path).names()
+    assert names and all(n.endswith(("fc1.weight", "fc2.weight")) for n in names)
+
+
+def test_interrupted_run_resumes_to_identical_update(tmp_path, monkeypatch):
+    import training_scripts.loop as loop
+
+    reference = train_vision(TrainConfig(**tiny_train_args(tmp_path / "ref", lambda_reg=0.1)))
+    original = loop._save_checkpoint
+
+    def crash_after_first_checkpoint(path, state):
+        original(path, state)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(loop, "_save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_vision(TrainConfig(**tiny_train_args(tmp_path / "crash", lambda_reg=0.1)))
+    assert (tmp_path / "crash" / loop.CHECKPOINT).exists()
+    monkeypatch.setattr(loop, "_save_checkpoint", original)
+    resumed = train_vision(TrainConfig(**tiny_train_args(tmp_path / "crash", lambda_reg=0.1)))
+    ta, tb = load_file(str(reference / PEFT_WEIGHTS)), load_file(str(resumed / PEFT_WEIGHTS))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not (resumed / loop.CHECKPOINT).exists()
+    events = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" for e in events)
+
+
+def test_untrusted_updates_are_rejected_clearly(trained_updates, tmp_path):
+    import shutil
+
+    src = trained_updates["gtsrb-plain"]
+    bad = tmp_path / "nan"
+    shutil.copytree(src, bad)
+    tensors = load_file(str(bad / PEFT_WEIGHTS))
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / PEFT_WEIGHTS))
+    with pytest.raises(UpdateError, match="NaN"):
+        load_update(bad)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(src, pickled)
+    (pickled / PEFT_WEIGHTS).unlink()
+    torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
+    with pytest.raises(UpdateError, match="only safetensors"):
+        load_update(pickled)
+
+    with pytest.raises(UpdateError, match="not a trap2 update"):
+        load_update(tmp_path)
+
+    update = load_update(src)
+    with pytest.raises(UpdateError, match="fingerprint"):
+        update.check_base("0000", {})
+
+
+def test_config_yaml_and_flags(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("dataset: dtd\nlambda_reg: 0.3\nlr: 0.001\nfixed_scales: [0.5, 1.5]\n")
+    cfg = parse_config(TrainConfig, ["--config", str(cfg_file), "--lambda_reg", "0.2"], defaults={"peft": "full"})
+    assert (cfg.dataset, cfg.lambda_reg, cfg.lr, cfg.peft, cfg.fixed_scales) == ("dtd", 0.2, 0.001, "full", [0.5, 1.5])
+    cfg_file.write_text("datasett: dtd\n")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(cfg_file)])
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--peft", "qlora"])
+
+
+def test_full_scale_clip_path_runs_on_a_tiny_local_model(tmp_path):
+    """The clip-vit-b32 entry loads through from_pretrained; a tiny random model saved locally stands in."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
+                                  ).save_pretrained(tmp_path / "tiny-clip")
+    args = tiny_train_args(tmp_path / "run", model="clip-vit-b32", lambda_reg=0.1)
+    args["base_options"] = {"pretrained": str(tmp_path / "tiny-clip")}
+    update = load_update(train_vision(TrainConfig(**args)))
+    assert update.metadata["base_model"] == "clip-vit-b32"
+    assert any("q_proj" in n for n in update.names())
+    with pytest.raises(OSError, match="base_options"):
+        from models.backbones import build_backbone
+
+        build_backbone("clip-vit-b32", pretrained=str(tmp_path / "missing"))
+
+
+def test_rerun_with_other_settings_refuses_instead_of_silently_skipping(trained_updates):
+    path = trained_updates["gtsrb-plain"]
+    same = TrainConfig(**tiny_train_args(path))
+    assert train_vision(same) == path  # identical settings: the finished update is reused
+    with pytest.raises(ValueError, match="lambda_reg"):
+        train_vision(TrainConfig(**tiny_train_args(path, lambda_reg=0.05)))
