@@ -28,10 +28,11 @@ def _pct(x: float) -> str:
 
 def standalone_rows(root: Path) -> list[dict]:
     rows = []
-    for path in sorted(root.glob("**/standalone.json")):
+    for path in sorted(root.glob("**/standalone*.json")):
         data = json.loads(path.read_text())
         cfg, mean = data["config"], data["rows"][-1]
-        rows.append({"backbone": cfg["model"], "update": cfg["peft"], "tasks": len(data["rows"]) - 1,
+        rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["protect_lambda"]),
+                     "tasks": len(data["rows"]) - 1,
                      "zero-shot": mean["zero_shot"], "fine-tuned": mean["plain@1"], "Trap²": mean["trap2@1"],
                      "fine-tuned @ s=0.5": mean["plain@0.5"], "Trap² @ s=0.5": mean["trap2@0.5"],
                      "Trap² @ s=1/8": mean["trap2@0.125"]})
@@ -88,7 +89,7 @@ def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
     root = Path(cfg.results)
     standalone, merged = standalone_rows(root), merge_rows(root)
     if not standalone and not merged:
-        raise FileNotFoundError(f"no standalone.json or summary.json under {root}: run training_scripts.suite "
+        raise FileNotFoundError(f"no standalone*.json or summary.json under {root}: run training_scripts.suite "
                                 f"and eval_scripts first")
     md = ["# Results", "", "Accuracies in %, test split."]
     tex = []

@@ -102,3 +102,20 @@ def test_evaluate_limit_counts_images_not_batches(trained_updates):
     with torch.no_grad():
         expected = (t.classifier(x).argmax(-1) == y).float().mean().item()
     assert limited["accuracy"] == pytest.approx(expected)
+
+
+def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
+    from training_scripts.suite import SuiteConfig, write_standalone_table
+
+    runs = tmp_path / "runs" / "offline" / "offline-vit" / "lora"
+    runs.mkdir(parents=True)
+    for name in ("gtsrb-plain", "gtsrb-trap2"):
+        (runs / name).symlink_to(trained_updates[name])
+    cfg = SuiteConfig(runs_root=str(tmp_path / "runs"), results=str(tmp_path / "results" / "standalone-lambda0.1"),
+                      protect_lambda=0.1)
+    md = write_standalone_table(cfg, ["gtsrb"])
+    assert md.name == "standalone-lambda0.1.md"  # dotted names keep their full stem
+    meta = json.loads((trained_updates["gtsrb-trap2"] / "trap2_update.json").read_text())
+    assert f"{100 * meta['test_accuracy']:.1f}" in md.read_text().splitlines()[4]
+    table = build_tables(TablesConfig(results=str(tmp_path / "results")))[0].read_text()
+    assert "| offline-vit | lora | 0.1 | 1 |" in table
