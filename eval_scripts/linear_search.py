@@ -126,8 +126,16 @@ class MergeEvaluator:
     def all_tasks(self, split: str) -> dict[str, float]:
         return {name: self.accuracy(name, split) for name in self.tasks}
 
-    def normalised(self, accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> float:
-        return sum(100 * accs[t] / max(finetuned[t][split], 1e-8) for t in accs) / len(accs)
+
+
+def normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per-task normalised accuracy: 100 · acc / the task's standalone (fine-tuned) accuracy."""
+    return {t: 100 * a / max(finetuned[t][split], 1e-8) for t, a in accs.items()}
+
+
+def mean_normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> float:
+    values = normalised(accs, split, finetuned)
+    return sum(values.values()) / len(values)
 
 
 def _key(**parts) -> str:
@@ -150,7 +158,7 @@ def search(evaluator: MergeEvaluator, updates: list[ReleasedUpdate], cfg: MergeC
             accs = evaluator.all_tasks("val")
             log.write({"key": key, "scenario": scenario, "phase": phase, "c": c, "params": params,
                        "target_coefficient": task_coef, "val": accs,
-                       "score": evaluator.normalised(accs, "val", finetuned)})
+                       "score": mean_normalised(accs, "val", finetuned)})
         return log.done[key]["score"]
 
     params = dict(method.defaults)
@@ -177,7 +185,7 @@ def search(evaluator: MergeEvaluator, updates: list[ReleasedUpdate], cfg: MergeC
     result = {"c": best_c, "params": params, "val_score": best_score, "target_coefficient": 1.0}
     evaluator.apply(merger.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
     result["test"] = evaluator.all_tasks("test")
-    result["test_normalised"] = {t: 100 * a / max(finetuned[t]["test"], 1e-8) for t, a in result["test"].items()}
+    result["test_normalised"] = normalised(result["test"], "test", finetuned)
     result["fallbacks"] = sorted(set(merger.fallbacks))
 
     if cfg.adaptive and target_index is not None:
@@ -196,7 +204,7 @@ def search(evaluator: MergeEvaluator, updates: list[ReleasedUpdate], cfg: MergeC
             cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
         test = evaluator.all_tasks("test")
         result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score, "test": test,
-                              "test_normalised": {t: 100 * x / max(finetuned[t]["test"], 1e-8) for t, x in test.items()}}
+                              "test_normalised": normalised(test, "test", finetuned)}
     return result
 
 

@@ -68,7 +68,6 @@ class ScaledUpdate:
             out[name] = p * s if anchor is None else anchor + s * (p - anchor)
         return out
 
-    @torch.no_grad()
     def set_scale(self, s: float) -> "_InPlaceScale":
         """Context manager applying the scale in place (for evaluation without functional_call)."""
         return _InPlaceScale(self, s)
