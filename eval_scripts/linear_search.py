@@ -127,7 +127,6 @@ class MergeEvaluator:
         return {name: self.accuracy(name, split) for name in self.tasks}
 
 
-
 def normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> dict[str, float]:
     """Per-task normalised accuracy: 100 · acc / the task's standalone (fine-tuned) accuracy."""
     return {t: 100 * a / max(finetuned[t][split], 1e-8) for t, a in accs.items()}

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_scripts.grid import PAPER_METHODS
+from task_merger import MERGE_SPACES
 from training_scripts.config import parse_config
 
 
@@ -57,8 +59,8 @@ def merge_rows(root: Path) -> list[dict]:
         if "adaptive" in p:
             row["target Trap² (adaptive)"] = p["adaptive"]["test"][target]
         rows.append(row)
-    order = {m: i for i, m in enumerate(["tv", "ties", "dare_ties", "tsv", "cart"])}
-    spaces = {s: i for i, s in enumerate(["full", "knots", "core"])}
+    order = {m: i for i, m in enumerate(PAPER_METHODS)}
+    spaces = {s: i for i, s in enumerate(MERGE_SPACES)}
     rows.sort(key=lambda r: (r["group"], spaces.get(r["space"], 9), order.get(r["method"], 9), r["method"]))
     return rows
 

@@ -144,6 +144,7 @@ def train_vision(cfg: TrainConfig) -> Path:
     }
     save_update(out_dir, model.backbone.net, update, metadata, prefix="backbone.net.")
     (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # the metadata now holds the settings
     summary = {k: metadata[k] for k in ("task", "protected", "val_accuracy", "test_accuracy", "zero_shot_test_accuracy")}
     summary["test_accuracy_by_scale"] = {s: round(r["accuracy"], 4) for s, r in test_by_scale.items()}
     print(json.dumps(summary))
