@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -61,15 +62,34 @@ class ScaledUpdate:
         return cls("full", params, {n: p.detach().clone() for n, p in params.items()})
 
     def overrides(self, s: float) -> dict[str, torch.Tensor]:
-        """Parameter values of the update re-scaled by s, for torch.func.functional_call."""
+        """Parameter values of the update re-scaled by s (differentiable w.r.t. the parameters)."""
         out = {}
         for name, p in self.params.items():
             anchor = self.anchors[name]
             out[name] = p * s if anchor is None else anchor + s * (p - anchor)
         return out
 
+    @contextmanager
+    def rescaled(self, model: nn.Module, s: float):
+        """Swaps the update's parameters of `model` for their values re-scaled by s until exit.
+
+        Unlike torch.func.functional_call, the swap lasts through backward as well, so layers
+        recomputed there under gradient checkpointing see the same re-scaled weights.
+        """
+        saved = []
+        try:
+            for name, value in self.overrides(s).items():
+                module_path, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_path)
+                saved.append((module, attr, module._parameters[attr]))
+                module._parameters[attr] = value
+            yield model
+        finally:
+            for module, attr, param in reversed(saved):
+                module._parameters[attr] = param
+
     def set_scale(self, s: float) -> "_InPlaceScale":
-        """Context manager applying the scale in place (for evaluation without functional_call)."""
+        """Context manager applying the scale to the parameters in place (evaluation, no gradients)."""
         return _InPlaceScale(self, s)
 
 

@@ -122,10 +122,48 @@ def test_scale_one_reproduces_plain_forward_and_lora_scaling_is_exact():
     layer = model.base_model.model[0]
     W0, A, B = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
     delta = B @ A * (4 / 2)
+    plain = model(x)
     for s in (1.0, 0.5, 0.125, 1.7):
-        out = torch.func.functional_call(model, update.overrides(s), (x,), strict=False)
+        with update.rescaled(model, s):
+            out = model(x)
         assert torch.allclose(out, x @ (W0 + s * delta).T + layer.base_layer.bias, atol=1e-5)
-    assert torch.equal(torch.func.functional_call(model, update.overrides(1.0), (x,), strict=False), model(x))
+    with update.rescaled(model, 1.0):
+        assert torch.equal(model(x), plain)
+    assert torch.equal(model(x), plain)  # the swap is undone on exit
+    assert all(isinstance(p, nn.Parameter) for p in update.params.values())
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_gradient_checkpointing_recomputes_with_the_rescaled_weights(kind):
+    """Checkpointed layers recompute during backward; the off-nominal gradient must still be exact."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, projection_dim=16, attention_dropout=0.0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = CLIPVisionModelWithProjection(config)
+        if kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                                     lora_dropout=0.0, init_lora_weights=False))
+            update = ScaledUpdate.lora(model)
+        else:
+            update = ScaledUpdate.full(model)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        Trap2Objective(0.5, fixed_scales=[0.3]).backward(
+            model, update, lambda m, b: m(pixel_values=b).image_embeds.pow(2).sum(), x)
+        grads.append({n: p.grad.clone() for n, p in update.params.items()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
 
 
 def test_full_scaling_is_exact():

@@ -14,7 +14,6 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from models.updates import ScaledUpdate
 
@@ -74,7 +73,7 @@ class RngSnapshot:
 
 
 LossFn = Callable[[Callable[..., object], object], torch.Tensor]
-"""loss_fn(forward, batch) -> scalar loss; `forward` is the model or its re-scaled functional twin."""
+"""loss_fn(model, batch) -> scalar loss; called with the update at s = 1, then re-scaled."""
 
 
 class Trap2Objective:
@@ -131,15 +130,11 @@ class Trap2Objective:
         off_losses = []
         for s in scales:
             rng.restore()
-            overrides = update.overrides(s)
-
-            def scaled_forward(*args, **kwargs):
-                return functional_call(model, overrides, args, kwargs, strict=False)
-
-            with autocast():
-                off = loss_fn(scaled_forward, batch)
-            term = -self.lambda_reg * self.weight(s) * off / len(scales)
-            scale_loss(term).backward()
+            with update.rescaled(model, s):
+                with autocast():
+                    off = loss_fn(model, batch)
+                term = -self.lambda_reg * self.weight(s) * off / len(scales)
+                scale_loss(term).backward()  # inside: checkpointed layers recompute with the scaled weights
             off_losses.append(float(off.detach()))
         metrics["loss_off"] = sum(off_losses) / len(off_losses)
         metrics["scale"] = scales[0] if len(scales) == 1 else sum(scales) / len(scales)
