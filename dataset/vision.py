@@ -1,14 +1,20 @@
-"""Vision tasks behind one interface: class names and batches of normalised images per split."""
+"""Vision tasks behind one interface: class names and batches of normalised images per split.
+
+Two kinds: the offline suite held in memory as tensors, and the paper's eight datasets read from
+files (dataset.vision8) through the backbone's preprocessing, with worker processes preparing whole
+batches ahead of the GPU (`prefetched`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from dataset.offline import PAPER_TASKS, load_offline_task
 
-SUITES = ("offline",)
+SUITES = ("offline", "vision8")
 
 
 class VisionTask(Protocol):
@@ -46,17 +52,78 @@ class TensorVisionTask:
         return self.normalise(self.images[split][indices]), self.labels[split][indices]
 
     def batches(self, split, batch_size, shuffle=False, generator=None):
-        n = self.size(split)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            yield self.batch(split, order[i:i + batch_size])
+        yield from prefetched(self, split, _chunks(self.size(split), batch_size, shuffle, generator))
 
 
-def load_vision_task(suite: str, name: str, mean, std, seed: int = 0,
-                     sizes: dict[str, int] | None = None) -> VisionTask:
+@dataclass
+class FileVisionTask:
+    """A task read from files: (PIL image, label) datasets per split, preprocessed per batch."""
+
+    name: str
+    classes: list[str]
+    splits: dict[str, Dataset]
+    preprocess: Callable[[Sequence[object]], torch.Tensor]
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    def size(self, split: str) -> int:
+        return len(self.splits[split])
+
+    def batch(self, split, indices):
+        items = [self.splits[split][int(i)] for i in indices]
+        images = [image.convert("RGB") for image, _ in items]  # MNIST is greyscale
+        return self.preprocess(images), torch.tensor([label for _, label in items])
+
+    def batches(self, split, batch_size, shuffle=False, generator=None):
+        yield from prefetched(self, split, _chunks(self.size(split), batch_size, shuffle, generator),
+                              self.num_workers, self.pin_memory)
+
+
+def _chunks(n: int, batch_size: int, shuffle: bool, generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+class _BatchList(Dataset):
+    """Item k is the whole k-th batch, so each worker decodes and preprocesses a batch at once."""
+
+    def __init__(self, task: VisionTask, split: str, chunks: Sequence[torch.Tensor]):
+        self.task, self.split, self.chunks = task, split, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        return self.task.batch(self.split, self.chunks[k])
+
+
+def prefetched(task: VisionTask, split: str, chunks: Sequence[torch.Tensor], num_workers: int = 0,
+               pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of `chunks` in order; with workers, prepared in parallel ahead of use."""
+    if num_workers == 0:
+        for chunk in chunks:
+            yield task.batch(split, chunk)
+        return
+    yield from DataLoader(_BatchList(task, split, chunks), batch_size=None, num_workers=num_workers,
+                          pin_memory=pin_memory, prefetch_factor=4)
+
+
+def load_vision_task(suite: str, name: str, mean, std, seed: int = 0, sizes: dict[str, int] | None = None,
+                     preprocess: Callable | None = None, data_root: str | None = None,
+                     val_index_dir: str | None = None, download: bool = False, num_workers: int = 0,
+                     pin_memory: bool = False) -> VisionTask:
+    """`sizes`: offline, the split sizes to generate; vision8, caps for quick runs."""
     if suite == "offline":
         if name not in PAPER_TASKS:
             raise KeyError(f"unknown offline task {name!r}; choose one of {list(PAPER_TASKS)}")
         t = load_offline_task(name, seed=seed, sizes=sizes)
         return TensorVisionTask(t.name, t.classes, t.images, t.labels, tuple(mean), tuple(std))
+    if suite == "vision8":
+        from dataset.vision8 import load_splits
+
+        if preprocess is None:
+            raise ValueError("the vision8 datasets need a backbone with its own image preprocessing "
+                             "(clip-vit-b32, clip-vit-l14, convnext-base-w); the offline bases use --suite offline")
+        splits, classes = load_splits(name, data_root, seed, val_index_dir, download, sizes)
+        return FileVisionTask(name, classes, splits, preprocess, num_workers, pin_memory)
     raise KeyError(f"unknown suite {suite!r}; choose one of {SUITES}")

@@ -21,7 +21,7 @@ import torch
 
 from models.classifier import ZeroShotClassifier
 from models.updates import ReleasedUpdate, UpdateError, load_update
-from models.vision import Base, evaluate, load_base, load_task, task_head
+from models.vision import Base, DataSettings, evaluate, load_base, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
 from training_scripts.vision import resolve_device
 
@@ -45,6 +45,8 @@ class MergeConfig:
     adaptive: bool = False  # also search a separate coefficient for the target update
     val_limit: int | None = None  # evaluate on the first N validation images per task (speed)
     eval_batch_size: int = 512
+    data_root: str | None = None  # vision8: where the datasets lie here (default: as each update was trained)
+    num_workers: int | None = None
     seed: int = 0
     device: str = "auto"
     output_dir: str | None = None
@@ -91,7 +93,7 @@ class MergeEvaluator:
     """Evaluates merges of updates of one base on those updates' tasks."""
 
     def __init__(self, updates: list[ReleasedUpdate], device: torch.device, eval_batch_size: int = 512,
-                 val_limit: int | None = None):
+                 val_limit: int | None = None, data_root: str | None = None, num_workers: int | None = None):
         meta = updates[0].metadata
         for u in updates:
             if u.metadata.get("suite") != meta.get("suite") or u.metadata.get("base_model") != meta.get("base_model"):
@@ -108,9 +110,10 @@ class MergeEvaluator:
             name = u.task
             if name in self.tasks:
                 continue
-            cfg = u.metadata["config"]
-            task = load_task(self.base, u.metadata["suite"], name, cfg["data_seed"], cfg.get("split_sizes"))
-            head = task_head(self.base, task, u.metadata["suite"], cfg["head_shots"], cfg["data_seed"])
+            data = DataSettings.from_config(u.metadata["config"], suite=u.metadata["suite"], data_root=data_root,
+                                            num_workers=num_workers)
+            task = load_task(self.base, name, data)
+            head = task_head(self.base, task, data)
             self.tasks[name] = TaskEval(name, ZeroShotClassifier(self.base.backbone, head.to(device)), task)
 
     def accuracy(self, task: str, split: str) -> float:
@@ -234,7 +237,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     all_updates = [u for ups in scenarios.values() for u in ups] + others
-    evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit)
+    evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root, cfg.num_workers)
     log = PointLog(out / "points.jsonl")
     # The pre-merge pass does not depend on the merge method or space: one log per target folder.
     pre_log = PointLog(out.parent / "pre_merge.jsonl")

@@ -23,6 +23,7 @@ class CurveConfig:
     split: str = "test"
     output: str = "results/scaling_curve"
     eval_batch_size: int = 512
+    data_root: str | None = None  # vision8: where the datasets lie here (default: as each update was trained)
     device: str = "auto"
 
     def scales(self) -> list[float]:
@@ -36,7 +37,7 @@ def scaling_curve(cfg: CurveConfig) -> list[dict]:
     if not cfg.updates:
         raise ValueError("--updates needs at least one update folder")
     updates = [load_update(p) for p in cfg.updates]
-    evaluator = MergeEvaluator(updates, resolve_device(cfg.device), cfg.eval_batch_size)
+    evaluator = MergeEvaluator(updates, resolve_device(cfg.device), cfg.eval_batch_size, data_root=cfg.data_root)
     rows = []
     for u in updates:
         deltas = {n: u.delta(n) for n in u.names()}

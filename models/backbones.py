@@ -3,15 +3,23 @@
 Two families, the same classes at every size:
 - `hf-clip`: transformers' CLIPVisionModelWithProjection (offline tiny ViT, CLIP ViT-B/32, ViT-L/14).
 - `open-clip`: OpenCLIP's TimmModel around a timm ConvNeXt (offline tiny ConvNeXt, convnext_base_w).
-The offline bases are pretrained here (models.pretrain); the full-scale ones load from the hub.
+The offline bases are pretrained here (models.pretrain); the full-scale ones load from the hub or a
+local copy (`base_options: {pretrained: ...}`) and also bring their image preprocessing and their
+text tower (for the zero-shot heads, see dataset.parsing).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+TextEncoder = Callable[[Sequence[str]], torch.Tensor]
+"""texts -> their embeddings (n, d) in the image feature space (not normalised)."""
+Preprocess = Callable[[Sequence[object]], torch.Tensor]
+"""PIL images -> the normalised pixel batch (n, 3, H, W) the tower expects."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     description: str = ""
     options: dict = field(default_factory=dict)
+    preprocess: Callable[..., Preprocess] | None = None  # (net, **options); None: the tasks come as tensors
+    text_encoder: Callable[..., TextEncoder] | None = None  # (**options); None: prototype heads stand in
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -47,20 +57,42 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 class Backbone(nn.Module):
     """A vision tower; `net` is the model that LoRA adapters attach to and updates are saved from."""
 
-    def __init__(self, spec: BackboneSpec, net: nn.Module):
+    def __init__(self, spec: BackboneSpec, net: nn.Module, options: dict | None = None):
         super().__init__()
         self.spec = spec
         self.net = net
+        self.options = dict(options or {})
+        self._preprocess: Preprocess | None = None
+
+    @property
+    def preprocess(self) -> Preprocess | None:
+        """The tower's own image preprocessing (loaded on first use; None for the offline bases)."""
+        if self._preprocess is None and self.spec.preprocess is not None:
+            self._preprocess = self.spec.preprocess(self.net, **self.options)
+        return self._preprocess
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.spec.family == "hf-clip":
             return self.net(pixel_values=pixel_values).image_embeds
         return self.net(pixel_values)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward (non-reentrant, so LoRA needs no input gradients)."""
+        if self.spec.family == "hf-clip":
+            self.net.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.net.set_grad_checkpointing(True)
+
+    def text_encoder(self) -> TextEncoder:
+        if self.spec.text_encoder is None:
+            raise ValueError(f"backbone {self.spec.name!r} has no text tower; its tasks use prototype heads")
+        return self.spec.text_encoder(**self.options)
+
 
 def build_backbone(name: str, **options) -> Backbone:
     spec = get_backbone_spec(name)
-    return Backbone(spec, spec.build(**{**spec.options, **options}))
+    options = {**spec.options, **options}
+    return Backbone(spec, spec.build(**options), options)
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -85,24 +117,123 @@ register_backbone(BackboneSpec(
     "tiny OpenCLIP TimmModel ConvNeXt (dims 32-256, depths 1-1-2-1), pretrained here"))
 
 
-def _hf_clip_vision(default_id: str):
-    def build(pretrained: str | None = None, revision: str | None = None):
-        """CLIP vision tower with projection from the hub id (or a local folder via `pretrained`)."""
+def _hub_load(what: str, load: Callable, source: str, default_id: str):
+    """Runs a from_pretrained-style load, turning 'not found / no network' into advice.
+
+    The load report is silenced: one tower of a full CLIP checkpoint always leaves the other's
+    weights "unexpected"; missing or mismatched weights still raise.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError) as e:  # missing folder, bad id, no network, mismatched weights
+        raise OSError(f"could not load the {what} of {source!r}: {e}\nWith no internet, download the model once "
+                      f"elsewhere (huggingface-cli download {default_id}) and pass "
+                      f"--base_options '{{pretrained: /path/to/folder}}'.") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class HFClip:
+    """One full-scale transformers CLIP checkpoint: vision tower, image processor, text tower."""
+
+    def __init__(self, default_id: str):
+        self.default_id = default_id
+
+    def vision(self, pretrained: str | None = None, revision: str | None = None) -> nn.Module:
         from transformers import CLIPVisionModelWithProjection
 
-        source = pretrained or default_id
+        source = pretrained or self.default_id
+        return _hub_load("vision tower", lambda: CLIPVisionModelWithProjection.from_pretrained(
+            source, revision=revision).eval(), source, self.default_id)
+
+    def preprocess(self, net: nn.Module, pretrained: str | None = None, revision: str | None = None) -> Preprocess:
+        from transformers import CLIPImageProcessor
+
+        source = pretrained or self.default_id
+        processor = _hub_load("image processor", lambda: CLIPImageProcessor.from_pretrained(
+            source, revision=revision), source, self.default_id)
+        return lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def text(self, pretrained: str | None = None, revision: str | None = None) -> TextEncoder:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        source = pretrained or self.default_id
+        tokenizer = _hub_load("tokenizer", lambda: AutoTokenizer.from_pretrained(source, revision=revision),
+                              source, self.default_id)
+        model = _hub_load("text tower", lambda: CLIPTextModelWithProjection.from_pretrained(
+            source, revision=revision).eval(), source, self.default_id)
+
+        @torch.no_grad()
+        def encode(texts: Sequence[str]) -> torch.Tensor:
+            tokens = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                               max_length=model.config.max_position_embeddings)
+            return model(**tokens).text_embeds
+        return encode
+
+
+def _register_hf_clip(name: str, default_id: str, description: str) -> None:
+    clip = HFClip(default_id)
+    register_backbone(BackboneSpec(name, "hf-clip", clip.vision, HF_CLIP_TARGETS, 224, CLIP_MEAN, CLIP_STD,
+                                   description, preprocess=clip.preprocess, text_encoder=clip.text))
+
+
+_register_hf_clip("clip-vit-b32", "openai/clip-vit-base-patch32", "OpenAI CLIP ViT-B/32 (transformers)")
+_register_hf_clip("clip-vit-l14", "openai/clip-vit-large-patch14", "OpenAI CLIP ViT-L/14 (transformers)")
+
+
+class OpenClip:
+    """One OpenCLIP model: `model_name` (a built-in config or one added from `config_file`) and
+    `pretrained` (a tag such as laion2b_s13b_b82k, or a local .safetensors/.bin file)."""
+
+    @staticmethod
+    def create(model_name: str, pretrained: str | None, config_file: str | None = None):
+        import open_clip
+
+        if config_file is not None:
+            if not Path(config_file).is_file():
+                raise OSError(f"OpenCLIP model config {config_file!r} does not exist")
+            open_clip.add_model_config(config_file)
+        if model_name not in open_clip.list_models():
+            raise ValueError(f"unknown OpenCLIP model {model_name!r}; pass --base_options "
+                             f"'{{config_file: /path/to/{model_name}.json}}' for a custom one")
         try:
-            return CLIPVisionModelWithProjection.from_pretrained(source, revision=revision).eval()
-        except (OSError, ValueError) as e:  # missing folder, bad id, or no network
-            raise OSError(f"could not load CLIP weights {source!r}: {e}\nWith no internet, download them once "
-                          f"elsewhere (huggingface-cli download {default_id}) and pass "
-                          f"--base_options '{{pretrained: /path/to/folder}}'.") from None
-    return build
+            return open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
+        except (OSError, RuntimeError, ValueError) as e:  # no network, missing or mismatched file
+            raise OSError(f"could not load OpenCLIP {model_name} weights {pretrained!r}: {e}\nWith no internet, "
+                          f"download the checkpoint once elsewhere (open_clip_pytorch_model.bin of the "
+                          f"laion/CLIP-convnext_base_w-laion2B-s13B-b82K hub repo) and pass "
+                          f"--base_options '{{pretrained: /path/to/open_clip_pytorch_model.bin}}'.") from None
+
+    @classmethod
+    def vision(cls, model_name: str, pretrained: str | None = None, config_file: str | None = None) -> nn.Module:
+        return cls.create(model_name, pretrained, config_file).visual.eval()
+
+    @staticmethod
+    def preprocess(net: nn.Module, **options) -> Preprocess:
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        transform = image_transform_v2(PreprocessCfg(**net.preprocess_cfg), is_train=False)
+        return lambda images: torch.stack([transform(image) for image in images])
+
+    @classmethod
+    def text(cls, model_name: str, pretrained: str | None = None, config_file: str | None = None) -> TextEncoder:
+        import open_clip
+
+        model = cls.create(model_name, pretrained, config_file).eval()
+        tokenizer = open_clip.get_tokenizer(model_name)
+
+        @torch.no_grad()
+        def encode(texts: Sequence[str]) -> torch.Tensor:
+            return model.encode_text(tokenizer(list(texts)))
+        return encode
 
 
 register_backbone(BackboneSpec(
-    "clip-vit-b32", "hf-clip", _hf_clip_vision("openai/clip-vit-base-patch32"), HF_CLIP_TARGETS, 224,
-    CLIP_MEAN, CLIP_STD, "OpenAI CLIP ViT-B/32 vision tower (transformers)"))
-register_backbone(BackboneSpec(
-    "clip-vit-l14", "hf-clip", _hf_clip_vision("openai/clip-vit-large-patch14"), HF_CLIP_TARGETS, 224,
-    CLIP_MEAN, CLIP_STD, "OpenAI CLIP ViT-L/14 vision tower (transformers)"))
+    "convnext-base-w", "open-clip", OpenClip.vision, CONVNEXT_TARGETS, 256, CLIP_MEAN, CLIP_STD,
+    "OpenCLIP ConvNeXt-Base (wide), LAION-2B", options={"model_name": "convnext_base_w",
+                                                        "pretrained": "laion2b_s13b_b82k"},
+    preprocess=OpenClip.preprocess, text_encoder=OpenClip.text))

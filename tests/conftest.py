@@ -32,3 +32,60 @@ def trained_updates(tmp_path_factory):
         "mnist-plain": train_vision(TrainConfig(**tiny_train_args(root / "mnist-plain", dataset="mnist"))),
     }
     return paths
+
+
+@pytest.fixture(scope="session")
+def fake_datasets(tmp_path_factory):
+    """The eight datasets in their real layouts, three classes each (tests/fake_vision8.py)."""
+    from fake_vision8 import write_all
+
+    return write_all(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory):
+    """A random-weight transformers CLIPModel with a tokenizer and image processor built here."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-hf-clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in map(chr, range(33, 127)):  # one token per printable character, with and without word end
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, projection_dim=16),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, projection_dim=16), projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return {"pretrained": str(folder)}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """A random-weight OpenCLIP model: timm convnext_tiny image tower (Linear MLPs like convnext_base),
+    one-layer text tower."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-open-clip")
+    config = folder / "trap2-tiny-convnext.json"
+    config.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"timm_model_name": "convnext_tiny", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("trap2-tiny-convnext", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
+    return {"model_name": "trap2-tiny-convnext", "config_file": str(config),
+            "pretrained": str(folder / "weights.safetensors")}

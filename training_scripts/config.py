@@ -49,7 +49,11 @@ class TrainConfig:
     # data and heads
     data_seed: int = 0
     head_shots: int = 16
-    split_sizes: dict[str, int] | None = None  # offline suite: override train/val/test sizes
+    split_sizes: dict[str, int] | None = None  # offline: train/val/test sizes; vision8: caps for quick runs
+    data_root: str | None = None  # vision8: where the datasets lie (default $TRAP2_DATASETS or data/datasets)
+    val_index_dir: str | None = None  # vision8: KnOTS <name>_shuffled_idxs.pt files for exact split parity
+    download: bool = False  # vision8: fetch the datasets whose hosts still serve them
+    num_workers: int | None = None  # data-loading processes (default: 0 in memory, up to 8 for files)
     base_options: dict | None = None  # passed to the backbone builder (offline: recipe overrides, e.g. {steps: 50})
     eval_batch_size: int = 256
     # bookkeeping
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"--peft must be lora or full, got {self.peft!r}")
         if self.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
+        if self.suite not in ("offline", "vision8"):
+            raise ValueError(f"--suite must be offline or vision8, got {self.suite!r}")
         for name in ("batch_size", "max_steps", "eval_freq", "patience", "head_shots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

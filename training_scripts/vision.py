@@ -12,18 +12,24 @@ import torch
 import torch.nn.functional as F
 
 from models.updates import METADATA_FILE, ScaledUpdate, save_update
-from models.vision import classifier_for, evaluate, load_base, load_task
+from dataset.vision import prefetched
+from models.vision import DataSettings, classifier_for, evaluate, load_base, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp, run_loop
 from training_scripts.objective import ScaleSampler, Trap2Objective
 
 REPORT_SCALES = (0.0, 0.125, 0.5, 1.0)  # s = 0 is the frozen base; 1/8 and 1/2 are merge-like scales
 SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
-BOOKKEEPING = {"output_dir", "overwrite", "progress", "device"}
+BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers"}
+TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales"}
 
 
 def _differing_settings(saved: dict, current: dict) -> dict:
-    return {k: (saved.get(k), v) for k, v in current.items() if k not in BOOKKEEPING and saved.get(k) != v}
+    """Settings that change the result; fields a saved run predates count as their defaults."""
+    defaults = config_dict(TrainConfig())
+    ignored = BOOKKEEPING | (TRAP2_ONLY if saved.get("lambda_reg") == current.get("lambda_reg") == 0 else set())
+    return {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
+            if k not in ignored and saved.get(k, defaults.get(k)) != v}
 
 
 def seed_everything(seed: int) -> None:
@@ -49,15 +55,44 @@ def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_targets or list(backbone.spec.lora_targets)
+        if cfg.gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
         backbone.net = get_peft_model(backbone.net, LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=targets, bias="none"))
         return ScaledUpdate.lora(model)
     for p in backbone.net.parameters():
         p.requires_grad_(True)
-    if cfg.gradient_checkpointing and hasattr(backbone.net, "gradient_checkpointing_enable"):
-        backbone.net.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     return ScaledUpdate.full(model)
+
+
+class StepBatches:
+    """batch_at(step): epoch-wise permutations seeded by (seed, epoch), last partial batch dropped.
+
+    Steps are asked for in order, so the batches of the current epoch stream from `prefetched`
+    (workers prepare them ahead); a jump (resuming mid-epoch) restarts the stream at that step.
+    """
+
+    def __init__(self, task, batch_size: int, seed: int, num_workers: int, device: torch.device):
+        self.task, self.batch_size, self.seed, self.workers, self.device = task, batch_size, seed, num_workers, device
+        self.n_train = task.size("train")
+        self.per_epoch = max(1, self.n_train // batch_size)
+        self.next_step, self.stream = None, None
+
+    def _start(self, step: int) -> None:
+        epoch, k = divmod(step, self.per_epoch)
+        order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        chunks = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(k, self.per_epoch)]
+        self.stream = prefetched(self.task, "train", chunks, self.workers, self.device.type == "cuda")
+
+    def __call__(self, step: int):
+        if step != self.next_step or step % self.per_epoch == 0:
+            self._start(step)
+        self.next_step = step + 1
+        x, y = next(self.stream)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def scale_report(model, update: ScaledUpdate, task, split: str, cfg: TrainConfig, device) -> dict[str, dict]:
@@ -91,8 +126,9 @@ def train_vision(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     base = load_base(cfg.model, cfg.base_options, device)
-    task = load_task(base, cfg.suite, cfg.dataset, cfg.data_seed, cfg.split_sizes)
-    model = classifier_for(base, task, cfg.suite, cfg.head_shots, cfg.data_seed)
+    data = DataSettings.from_config(config_dict(cfg))
+    task = load_task(base, cfg.dataset, data)
+    model = classifier_for(base, task, data)
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
@@ -101,18 +137,7 @@ def train_vision(cfg: TrainConfig) -> Path:
 
     objective = Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
                                cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1)
-    n_train = task.size("train")
-    per_epoch = max(1, n_train // cfg.batch_size)
-    cache: dict[int, torch.Tensor] = {}
-
-    def batch_at(step: int):
-        """The batch of a step: epoch-wise permutations seeded by (seed, epoch), last partial batch dropped."""
-        epoch, k = divmod(step, per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        x, y = task.batch("train", cache[epoch][k * cfg.batch_size:(k + 1) * cfg.batch_size])
-        return x.to(device), y.to(device)
+    batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
 
     def loss_fn(forward, batch):
         x, y = batch

@@ -1,0 +1,1 @@
+"""Zero-shot text heads of the paper's datasets (`python -m dataset.parsing.generate_clip_heads`)."""

@@ -1,0 +1,5 @@
+"""python -m dataset.parsing.generate_clip_heads [--model clip-vit-b32|clip-vit-l14] [--base_options ...]"""
+from dataset.parsing.heads import main
+
+if __name__ == "__main__":
+    main(default_model="clip-vit-b32", family="hf-clip")
