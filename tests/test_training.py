@@ -150,3 +150,23 @@ def test_rerun_with_other_settings_refuses_instead_of_silently_skipping(trained_
     assert train_vision(same) == path  # identical settings: the finished update is reused
     with pytest.raises(ValueError, match="lambda_reg"):
         train_vision(TrainConfig(**tiny_train_args(path, lambda_reg=0.05)))
+
+
+def test_every_shipped_config_parses(tmp_path):
+    """Each YAML under configs/ is valid for the command that reads it (unknown keys would fail)."""
+    from pathlib import Path
+
+    from eval_scripts.grid import GridConfig
+    from training_scripts.__main__ import SUITE_ONLY
+    from training_scripts.suite import SuiteConfig
+
+    configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        if path.parent.name == "merge":
+            cfg = parse_config(GridConfig, ["--config", str(path)])
+            assert cfg.target and cfg.protected and cfg.control and len(cfg.others) == 7
+        else:
+            suite = parse_config(SuiteConfig, ["--config", str(path)])
+            one = parse_config(TrainConfig, ["--config", str(path), "--dataset", "gtsrb"], yaml_ignores=SUITE_ONLY)
+            assert one.model == suite.model and suite.protect_lambda > 0

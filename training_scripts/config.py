@@ -104,8 +104,12 @@ def _arg_type(tp: Any):
     return tp, None
 
 
-def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
-    """Builds `cls` from its defaults, then `defaults`, then a YAML --config, then flags."""
+def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None,
+                 yaml_ignores: frozenset[str] = frozenset()):
+    """Builds `cls` from its defaults, then `defaults`, then a YAML --config, then flags.
+
+    `yaml_ignores`: keys a YAML file may hold for a wider command (a suite config used for one run).
+    """
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
@@ -124,10 +128,10 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
         loaded = yaml.safe_load(config_path.read_text()) or {}
         if not isinstance(loaded, dict):
             parser.error(f"{config_path} must hold a mapping of option: value")
-        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)} - yaml_ignores
         if unknown:
             parser.error(f"{config_path}: unknown options {sorted(unknown)}")
-        values.update(loaded)
+        values.update({k: v for k, v in loaded.items() if k not in yaml_ignores})
     values.update(ns)
     try:
         return cls(**values)
