@@ -23,7 +23,7 @@ from models.classifier import ZeroShotClassifier
 from models.updates import ReleasedUpdate, UpdateError, load_update
 from models.vision import Base, DataSettings, evaluate, load_base, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
-from training_scripts.vision import resolve_device
+from training_scripts.runs import resolve_device
 
 SCENARIOS = ("protected", "control")
 
@@ -144,7 +144,7 @@ def _key(**parts) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
-def search(evaluator: MergeEvaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
+def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
            scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None) -> dict:
     """Coefficient search, then the method grid, then (optionally) the adaptive target coefficient."""
     from tqdm.auto import tqdm
@@ -237,7 +237,13 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     all_updates = [u for ups in scenarios.values() for u in ups] + others
-    evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root, cfg.num_workers)
+    if first.metadata.get("suite") == "math":  # generation accuracy of a merged causal LM
+        from eval_scripts.math_eval import MathMergeEvaluator
+
+        evaluator = MathMergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root)
+    else:
+        evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
+                                   cfg.num_workers)
     log = PointLog(out / "points.jsonl")
     # The pre-merge pass does not depend on the merge method or space: one log per target folder.
     pre_log = PointLog(out.parent / "pre_merge.jsonl")

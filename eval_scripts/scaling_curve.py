@@ -11,7 +11,7 @@ from pathlib import Path
 from models.updates import load_update
 from models.vision import evaluate
 from training_scripts.config import parse_config
-from training_scripts.vision import resolve_device
+from training_scripts.runs import resolve_device
 
 
 @dataclass

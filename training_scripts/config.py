@@ -12,12 +12,9 @@ import yaml
 
 
 @dataclass
-class TrainConfig:
-    # what to train
-    dataset: str = ""
-    suite: str = "offline"
-    model: str = "offline-vit"
-    peft: str = "lora"  # lora | full
+class RunConfig:
+    """What every trainer shares: the Trap² objective, LoRA, optimisation and bookkeeping."""
+
     # Trap² (paper CLI names); lambda_reg = 0 is the unprotected baseline
     lambda_reg: float = 0.0
     rand_alpha_min: float = 0.05
@@ -37,15 +34,47 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    batch_size: int = 32
+    batch_size: int = 32  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
     max_steps: int = 10000
     warmup_steps: int = 500
+    schedule: str = "cosine"  # cosine | linear (decay to 0 after warm-up)
     max_grad_norm: float = 1.0
     eval_freq: int = 2000
     patience: int = 5
     min_delta: float = 0.001
     amp: str = "auto"  # auto (fp16 + GradScaler on GPU, off on CPU) | fp16 | bf16 | none
     gradient_checkpointing: bool = False
+    eval_batch_size: int = 256
+    # bookkeeping
+    seed: int = 420
+    device: str = "auto"
+    output_dir: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("auto", "fp16", "bf16", "none"):
+            raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"--schedule must be cosine or linear, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_freq", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def protected(self) -> bool:
+        return self.lambda_reg > 0
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """One vision task update."""
+
+    dataset: str = ""
+    suite: str = "offline"
+    model: str = "offline-vit"
+    peft: str = "lora"  # lora | full
     # data and heads
     data_seed: int = 0
     head_shots: int = 16
@@ -55,32 +84,19 @@ class TrainConfig:
     download: bool = False  # vision8: fetch the datasets whose hosts still serve them
     num_workers: int | None = None  # data-loading processes (default: 0 in memory, up to 8 for files)
     base_options: dict | None = None  # passed to the backbone builder (offline: recipe overrides, e.g. {steps: 50})
-    eval_batch_size: int = 256
-    # bookkeeping
-    seed: int = 420
-    device: str = "auto"
-    output_dir: str | None = None  # default: runs/<suite>/<model>/<peft>/<dataset>-<plain|trap2>
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.peft not in ("lora", "full"):
             raise ValueError(f"--peft must be lora or full, got {self.peft!r}")
-        if self.amp not in ("auto", "fp16", "bf16", "none"):
-            raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
         if self.suite not in ("offline", "vision8"):
             raise ValueError(f"--suite must be offline or vision8, got {self.suite!r}")
-        for name in ("batch_size", "max_steps", "eval_freq", "patience", "head_shots"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_shots < 1:
+            raise ValueError(f"--head_shots must be >= 1, got {self.head_shots}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (3e-4 if self.peft == "lora" else 1e-5)
-
-    @property
-    def protected(self) -> bool:
-        return self.lambda_reg > 0
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.updates import ScaledUpdate
+from training_scripts import distributed
 from training_scripts.objective import LossFn, Trap2Objective
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,6 +42,8 @@ class LoopSettings:
     min_delta: float
     amp: str  # fp16 | bf16 | none (resolved)
     progress: bool = True
+    schedule: str = "cosine"  # cosine | linear
+    grad_accum: int = 1  # micro-batches per step: batch_at(step * grad_accum + i)
 
 
 @dataclass
@@ -52,9 +55,10 @@ class LoopResult:
     stopped_early: bool
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
+def resolve_amp(amp: str, device: torch.device, auto_gpu: str = "fp16") -> str:
+    """`auto`: `auto_gpu` on a GPU (fp16 + GradScaler for vision, bf16 for LLMs), none on CPU."""
     if amp == "auto":
-        return "fp16" if device.type == "cuda" else "none"
+        return auto_gpu if device.type == "cuda" else "none"
     if amp != "none" and device.type != "cuda":
         raise ValueError(f"--amp {amp} needs a GPU; use --amp none (or auto) on {device.type}")
     return amp
@@ -65,6 +69,15 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def linear_with_warmup(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+SCHEDULES = {"cosine": cosine_with_warmup, "linear": linear_with_warmup}
 
 
 class MetricsLog:
@@ -87,19 +100,28 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, loss_fn: LossFn,
              batch_at: Callable[[int], object], evaluate: Callable[[], float], settings: LoopSettings,
-             out_dir: Path, device: torch.device) -> LoopResult:
-    """Trains the model's trainable parameters in place; on return they hold the best update."""
+             out_dir: Path, device: torch.device, on_step: Callable[[int, list], None] | None = None) -> LoopResult:
+    """Trains the model's trainable parameters in place; on return they hold the best update.
+
+    Under a multi-process launch, `batch_at` gives this process's shard, `evaluate` must return
+    the same value on every process, and only the main process writes files. `on_step(step, params)` is
+    called after each optimiser step with the trainable parameters (logging, checks).
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(trainable)
+    main = distributed.is_main()
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay,
                                   betas=settings.betas, eps=settings.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(cosine_with_warmup, warmup=settings.warmup_steps, total=settings.max_steps))
+        optimizer, partial(SCHEDULES[settings.schedule], warmup=settings.warmup_steps, total=settings.max_steps))
     scaler = torch.amp.GradScaler("cuda") if settings.amp == "fp16" else None
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "seconds": 0.0}
     best_weights = [p.detach().clone() for p in trainable]
@@ -118,18 +140,27 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         objective.generator.set_state(ckpt["rng_scales"])
         state = ckpt["state"]
-        log.write(event="resume", step=state["step"])
+        if log:
+            log.write(event="resume", step=state["step"])
 
     start = time.time() - state["seconds"]
     stopped_early = state["bad_evals"] >= settings.patience  # a resumed run that had already stopped
     first = settings.max_steps if stopped_early else state["step"]
     bar = tqdm(range(first, settings.max_steps), initial=state["step"], total=settings.max_steps,
-               desc=f"training {out_dir.name}", disable=not settings.progress)
+               desc=f"training {out_dir.name}", disable=not (settings.progress and main))
+    k = settings.grad_accum
+
+    def scale_loss(loss):  # each micro-batch contributes 1/k of the step's gradient
+        loss = loss / k if k > 1 else loss
+        return scaler.scale(loss) if scaler else loss
+
     for step in bar:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        metrics = objective.backward(model, update, loss_fn, batch_at(step),
-                                     scale_loss=scaler.scale if scaler else (lambda loss: loss), autocast=autocast)
+        for i in range(k):
+            metrics = objective.backward(model, update, loss_fn, batch_at(step * k + i),
+                                         scale_loss=scale_loss, autocast=autocast)
+        distributed.average_gradients(trainable)
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm))
@@ -139,8 +170,10 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
         else:
             optimizer.step()
         scheduler.step()
-        if step % 10 == 0:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+        if on_step is not None:
+            on_step(step, trainable)
+        if step % 10 == 0 and main:
+            bar.set_postfix({name: f"{v:.3f}" for name, v in metrics.items()})
             log.write(step=step, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, **metrics)
         done = step + 1
         if done % settings.eval_freq == 0 or done == settings.max_steps:
@@ -152,15 +185,16 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
             else:
                 state["bad_evals"] += 1
             state.update(step=done, seconds=time.time() - start)
-            log.write(step=done, event="eval", val_metric=metric, best=state["best_metric"], improved=improved)
-            _save_checkpoint(ckpt_path, {
-                "weights": [p.detach().cpu() for p in trainable],
-                "best_weights": [b.cpu() for b in best_weights],
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "rng_scales": objective.generator.get_state(), "state": state})
+            if main:
+                log.write(step=done, event="eval", val_metric=metric, best=state["best_metric"], improved=improved)
+                _save_checkpoint(ckpt_path, {
+                    "weights": [p.detach().cpu() for p in trainable],
+                    "best_weights": [b.cpu() for b in best_weights],
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "rng_scales": objective.generator.get_state(), "state": state})
             if state["bad_evals"] >= settings.patience:
                 stopped_early = True
                 break

@@ -2,50 +2,20 @@
 from __future__ import annotations
 
 import json
-import random
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.updates import METADATA_FILE, ScaledUpdate, save_update
 from dataset.vision import prefetched
+from models.updates import METADATA_FILE, ScaledUpdate, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_base, load_task
 from training_scripts.config import TrainConfig, config_dict
-from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp, run_loop
-from training_scripts.objective import ScaleSampler, Trap2Objective
+from training_scripts.loop import run_loop
+from training_scripts.runs import (build_objective, close_run_dir, loop_settings, open_run_dir, resolve_device,
+                                   seed_everything)
 
 REPORT_SCALES = (0.0, 0.125, 0.5, 1.0)  # s = 0 is the frozen base; 1/8 and 1/2 are merge-like scales
-SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
-BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers"}
-TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales"}
-
-
-def _differing_settings(saved: dict, current: dict) -> dict:
-    """Settings that change the result; fields a saved run predates count as their defaults."""
-    defaults = config_dict(TrainConfig())
-    ignored = BOOKKEEPING | (TRAP2_ONLY if saved.get("lambda_reg") == current.get("lambda_reg") == 0 else set())
-    return {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
-            if k not in ignored and saved.get(k, defaults.get(k)) != v}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no GPU is visible; use --device cpu")
-    return device
 
 
 def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
@@ -108,21 +78,8 @@ def train_vision(cfg: TrainConfig) -> Path:
     if not cfg.dataset:
         raise ValueError("--dataset is required (e.g. --dataset gtsrb)")
     out_dir = cfg.resolved_output_dir()
-    finished = (out_dir / METADATA_FILE).exists() and not (out_dir / CHECKPOINT).exists()
-    if cfg.overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    elif finished or (out_dir / CHECKPOINT).exists():
-        meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
-        saved = json.loads(meta_path.read_text())["config"] if meta_path.exists() else config_dict(cfg)
-        differing = _differing_settings(saved, config_dict(cfg))
-        if differing:
-            raise ValueError(f"{out_dir} holds a run with other settings ({differing}); pass --overwrite true "
-                             f"to replace it or choose another --output_dir")
-        if finished:
-            print(f"{out_dir} already holds this finished update; pass --overwrite true to retrain")
-            return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SETTINGS_FILE).write_text(json.dumps({"config": config_dict(cfg)}, indent=2))
+    if open_run_dir(cfg, out_dir):
+        return out_dir
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     base = load_base(cfg.model, cfg.base_options, device)
@@ -135,22 +92,16 @@ def train_vision(cfg: TrainConfig) -> Path:
     if cfg.peft == "full":  # anchors were cloned before the move
         update.anchors = {n: a.to(device) for n, a in update.anchors.items()}
 
-    objective = Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
-                               cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1)
+    objective = build_objective(cfg)
     batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
 
     def loss_fn(forward, batch):
         x, y = batch
         return F.cross_entropy(forward(x).float(), y)
 
-    settings = LoopSettings(
-        lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
-        amp=resolve_amp(cfg.amp, device), progress=cfg.progress)
     result = run_loop(model, update, objective, loss_fn, batch_at,
                       lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
-                      settings, out_dir, device)
+                      loop_settings(cfg, cfg.learning_rate, device), out_dir, device)
 
     val = evaluate(model, task, "val", cfg.eval_batch_size, device)
     test_by_scale = scale_report(model, update, task, "test", cfg, device)
@@ -168,8 +119,7 @@ def train_vision(cfg: TrainConfig) -> Path:
         "versions": {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__},
     }
     save_update(out_dir, model.backbone.net, update, metadata, prefix="backbone.net.")
-    (out_dir / CHECKPOINT).unlink(missing_ok=True)
-    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # the metadata now holds the settings
+    close_run_dir(out_dir)
     summary = {k: metadata[k] for k in ("task", "protected", "val_accuracy", "test_accuracy", "zero_shot_test_accuracy")}
     summary["test_accuracy_by_scale"] = {s: round(r["accuracy"], 4) for s, r in test_by_scale.items()}
     print(json.dumps(summary))

@@ -1,0 +1,157 @@
+"""Causal LMs for the math path: any `AutoModelForCausalLM` (default meta-llama/Llama-3.1-8B), or
+`offline-llama`, a tiny LlamaForCausalLM pretrained here on generated arithmetic (dataset.math_offline).
+
+The offline base is saved with save_pretrained under data/bases/<name>-<recipe hash>/ with a
+character-level tokenizer built here, and loaded back through from_pretrained: the same code path
+as the hub models. `python -m models.causal_lm` builds it ahead of time (~4 min on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dataset.offline import cache_root
+from models.pretrain import recipe_hash
+from models.updates import fingerprint
+
+LM_RECIPES: dict[str, dict] = {
+    "offline-llama": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                          max_position_embeddings=256, steps=1500, batch_size=32, lr=3e-3, warmup=100,
+                          pretext_train=30000, seed=0, corpus=1),
+}
+CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
+SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+
+@dataclass
+class CausalLM:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    options: dict
+    fingerprint: str
+
+
+def char_tokenizer():
+    """One token per printable ASCII character (and newline), plus <pad>, <s>, </s>, <unk>."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL.values())}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL["unk"]))
+    core.decoder = decoders.Fuse()  # characters join without spaces
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
+                                   pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"])
+
+
+def _pretrain(recipe: dict, folder: Path, progress: bool) -> dict:
+    """Next-token pretraining on generated arithmetic (prompt + answer), then save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dataset.math_offline import generate_task
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(recipe["seed"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe["hidden_size"],
+                         intermediate_size=recipe["intermediate_size"], num_hidden_layers=recipe["num_hidden_layers"],
+                         num_attention_heads=recipe["num_attention_heads"],
+                         max_position_embeddings=recipe["max_position_embeddings"], tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    corpus = generate_task("pretext", seed=recipe["seed"], sizes={"train": recipe["pretext_train"], "val": 200,
+                                                                  "test": 1})
+    texts = [ex.prompt + ex.target + tokenizer.eos_token for ex in corpus["train"]]
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    steps, warmup = recipe["steps"], recipe["warmup"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(i, steps) / steps)))
+    gen = torch.Generator().manual_seed(recipe["seed"])
+    model.train()
+    bar = tqdm(range(steps), desc="pretraining offline-llama", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(texts), (recipe["batch_size"],), generator=gen).tolist()
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"final_loss": round(loss.item(), 4)}
+
+
+def offline_lm_folder(name: str, progress: bool = True, **overrides) -> Path:
+    """The folder of the pretrained offline LM `name`, pretraining it first if it is not cached."""
+    if name not in LM_RECIPES:
+        raise KeyError(f"no offline LM recipe {name!r}; choose one of {sorted(LM_RECIPES)}")
+    unknown = set(overrides) - set(LM_RECIPES[name])
+    if unknown:
+        raise KeyError(f"unknown recipe fields {sorted(unknown)} for {name}")
+    recipe = {**LM_RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    folder = cache_root() / "bases" / f"{name}-{recipe_hash(recipe)}"
+    if not (folder / "recipe.json").exists():
+        start = time.time()
+        tmp = folder.with_name(folder.name + ".tmp")
+        stats = _pretrain(recipe, tmp, progress)
+        (tmp / "recipe.json").write_text(json.dumps({**recipe, **stats, "seconds": round(time.time() - start, 1)},
+                                                    indent=2))
+        tmp.replace(folder)
+    return folder
+
+
+def load_causal_lm(name: str, options: dict | None = None, dtype: torch.dtype | None = None) -> CausalLM:
+    """Model (frozen, eval) and tokenizer. `options`: offline recipe overrides, or for hub models
+    {pretrained: local folder, revision: ...}; the hub token comes from $HF_TOKEN."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if name in LM_RECIPES:
+        source, revision = offline_lm_folder(name, **options), None
+    else:
+        source, revision = options.get("pretrained") or name, options.get("revision")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=os.environ.get("HF_TOKEN"))
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype,
+                                                     token=os.environ.get("HF_TOKEN"))
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load the causal LM {source!r}: {e}\nFor gated models set HF_TOKEN; with no "
+                      f"internet download it once elsewhere (huggingface-cli download {name}) and pass "
+                      f"--model_options '{{pretrained: /path/to/folder}}'.") from None
+    if tokenizer.pad_token is None:  # Llama ships none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # bf16 values: the same base loaded in fp32 (CPU) or bf16 (GPU) gets the same fingerprint
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return CausalLM(model.eval(), tokenizer, name, options, fingerprint(state))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain (or find cached) the offline causal LM.")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    folder = offline_lm_folder("offline-llama", steps=args.steps)
+    print(f"offline-llama: {folder} {json.loads((folder / 'recipe.json').read_text())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Math trainer: Trap² for causal-LM LoRA (GSM8K, ASDiv and their offline stand-ins).
+
+    python -m training_scripts.math_training --task gsm8k                # unprotected
+    python -m training_scripts.math_training_trap2 --task gsm8k          # λ = 0.01, w(s) = 1/sqrt(s)
+    torchrun --nproc_per_node 4 -m training_scripts.math_training_trap2 --task gsm8k --grad_accum 2
+
+The same objective and loop as the vision trainers; the loss covers the answer tokens only; the
+validation metric is greedy-generation accuracy (the answer after "####", compared numerically).
+Under torchrun / accelerate launch each process takes its own shard of every batch and of the
+validation set, and gradients are averaged (training_scripts.distributed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from dataset.math import MathExample, MathTask, is_correct, load_math_task
+from models.causal_lm import CausalLM, load_causal_lm
+from models.updates import ScaledUpdate, save_update
+from training_scripts import distributed
+from training_scripts.config import RunConfig, config_dict, parse_config
+from training_scripts.loop import run_loop
+from training_scripts.runs import (build_objective, close_run_dir, loop_settings, open_run_dir, resolve_device,
+                                   seed_everything)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class MathConfig(RunConfig):
+    """Reference spec §2 (math): LoRA r 32 / α 32 / dropout 0.1 on q/k/v/o, AdamW lr 1e-4, linear
+    schedule with warm-up, batch 4, max length 512, 256 new tokens, w(s) = 1/sqrt(s)."""
+
+    task: str = ""  # gsm8k | asdiv | offline-gsm8k | offline-asdiv
+    model: str = "meta-llama/Llama-3.1-8B"  # any AutoModelForCausalLM id, or offline-llama
+    model_options: dict | None = None  # {pretrained: local folder} for hub models; recipe overrides offline
+    data_root: str | None = None
+    data_seed: int = 42
+    split_sizes: dict[str, int] | None = None  # caps (real tasks) or generated sizes (offline stand-ins)
+    max_length: int = 512
+    max_new_tokens: int = 256
+    val_limit: int | None = None  # validation problems per evaluation (generation is the slow part)
+    report_scales: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
+    rand_alpha_weight: str = "inv_sqrt"
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lr: float | None = 1e-4
+    batch_size: int = 4
+    schedule: str = "linear"
+    warmup_steps: int = 100
+    eval_freq: int = 500
+    eval_batch_size: int = 16
+    amp: str = "auto"  # bf16 on GPU, none on CPU
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < 8 or self.max_new_tokens < 1:
+            raise ValueError("--max_length must be >= 8 and --max_new_tokens >= 1")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 1e-4
+
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path("runs") / "math" / self.model.replace("/", "--") / f"{self.task}-{'trap2' if self.protected else 'plain'}"
+
+
+def encode(example: MathExample, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """Prompt + target + EOS; labels are -100 on the prompt, so only the answer is learned."""
+    prompt = tokenizer(example.prompt).input_ids
+    target = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids, labels = prompt + target, [-100] * len(prompt) + target
+    return ids[:max_length], labels[:max_length]
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), width), pad_id)
+    labels = torch.full((len(pairs), width), -100)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (a, b) in enumerate(pairs):
+        ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device: torch.device,
+             progress: bool = False) -> list[str]:
+    """Greedy completions (left-padded batches), without the prompt, cut at EOS."""
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
+        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    tokenizer.padding_side = side
+    model.train(was_training)
+    return outputs
+
+
+def accuracy(model, tokenizer, examples: list[MathExample], batch_size: int, max_new_tokens: int,
+             device: torch.device, progress: bool = False) -> float:
+    """Generation accuracy; under several processes each scores its shard and the counts are summed."""
+    mine = examples[distributed.rank()::distributed.world_size()]
+    texts = generate(model, tokenizer, [ex.prompt for ex in mine], batch_size, max_new_tokens, device,
+                     progress and distributed.is_main())
+    correct = sum(is_correct(t, ex.answer) for t, ex in zip(texts, mine))
+    total_correct, total = distributed.sum_over_processes([correct, len(mine)], device)
+    return total_correct / max(total, 1)
+
+
+class MicroBatches:
+    """batch_at(i): micro-batch i of this process: epoch-wise seeded permutations, sharded by rank."""
+
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], batch_size: int, seed: int, pad_id: int,
+                 device: torch.device):
+        self.encoded, self.batch_size, self.seed, self.pad_id, self.device = encoded, batch_size, seed, pad_id, device
+        self.per_epoch = max(1, len(encoded) // batch_size)
+        self.order: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        g = index * distributed.world_size() + distributed.rank()
+        epoch, k = divmod(g, self.per_epoch)
+        if self.order is None or self.order[0] != epoch:
+            perm = torch.randperm(len(self.encoded), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            self.order = (epoch, perm)
+        picks = self.order[1][k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        return {n: t.to(self.device) for n, t in collate([self.encoded[i] for i in picks], self.pad_id).items()}
+
+
+def attach_lora(lm: CausalLM, cfg: MathConfig) -> ScaledUpdate:
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.gradient_checkpointing:
+        lm.model.activation_checkpointing_enable({"use_reentrant": False})
+    lm.model = get_peft_model(lm.model, LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_targets or LLAMA_TARGETS, bias="none", task_type="CAUSAL_LM"))
+    return ScaledUpdate.lora(lm.model)
+
+
+def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = None) -> Path:
+    """Trains one LoRA update on a math task and saves it (PEFT folder + metadata) on the main process."""
+    if not cfg.task:
+        raise ValueError("--task is required (gsm8k, asdiv, offline-gsm8k or offline-asdiv)")
+    device = distributed.init_from_env(resolve_device(cfg.device))
+    main = distributed.is_main()
+    out_dir = cfg.resolved_output_dir()
+    if open_run_dir(cfg, out_dir, write=main):
+        return out_dir
+    distributed.barrier()
+    task: MathTask = load_math_task(cfg.task, cfg.data_root, cfg.data_seed, cfg.split_sizes)
+    seed_everything(cfg.seed)
+    lm = load_causal_lm(cfg.model, cfg.model_options, torch.bfloat16 if device.type == "cuda" else None)
+    seed_everything(cfg.seed)  # the adapter's initialisation must not depend on what loading consumed
+    update = attach_lora(lm, cfg)
+    lm.model.to(device)
+    tokenizer = lm.tokenizer
+    encoded = [encode(ex, tokenizer, cfg.max_length) for ex in task.splits["train"]]
+    val = task.splits["val"][:cfg.val_limit] if cfg.val_limit else task.splits["val"]
+
+    def loss_fn(model, batch):
+        return model(**batch).loss.float()
+
+    def evaluate() -> float:
+        return accuracy(lm.model, tokenizer, val, cfg.eval_batch_size, cfg.max_new_tokens, device, cfg.progress)
+
+    result = run_loop(lm.model, update, build_objective(cfg), loss_fn,
+                      MicroBatches(encoded, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, device), evaluate,
+                      loop_settings(cfg, cfg.learning_rate, device, auto_amp="bf16"), out_dir, device, on_step)
+    test_by_scale = {}
+    for s in cfg.report_scales:
+        with update.set_scale(s):
+            test_by_scale[f"{s:g}"] = {"accuracy": accuracy(lm.model, tokenizer, task.splits["test"],
+                                                            cfg.eval_batch_size, cfg.max_new_tokens, device,
+                                                            cfg.progress)}
+    val_accuracy = evaluate()
+    if main:
+        import peft
+        import transformers
+
+        metadata = {
+            "task": cfg.task, "suite": "math", "base_model": cfg.model, "base_options": lm.options,
+            "base_fingerprint": lm.fingerprint, "protected": cfg.protected, "lambda_reg": cfg.lambda_reg,
+            "seed": cfg.seed, "config": config_dict(cfg), "val_accuracy": val_accuracy,
+            "test_accuracy": test_by_scale.get("1", {}).get("accuracy"), "test_by_scale": test_by_scale,
+            "best_step": result.best_step, "steps_run": result.steps_run, "stopped_early": result.stopped_early,
+            "train_seconds": round(result.seconds, 1), "processes": distributed.world_size(),
+            "versions": {"torch": torch.__version__, "peft": peft.__version__,
+                         "transformers": transformers.__version__},
+        }
+        save_update(out_dir, lm.model, update, metadata)
+        close_run_dir(out_dir)
+        print(json.dumps({k: metadata[k] for k in ("task", "protected", "val_accuracy", "test_accuracy")}
+                         | {"test_accuracy_by_scale": {s: round(r["accuracy"], 4) for s, r in test_by_scale.items()}}))
+    distributed.barrier()
+    return out_dir
+
+
+def main(argv=None, defaults: dict | None = None) -> None:
+    cfg = parse_config(MathConfig, argv, "Train one math LoRA update, protected with Trap² when --lambda_reg > 0.",
+                       defaults)
+    train_math(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""The paper's command name: python -m training_scripts.math_training --task gsm8k (unprotected LoRA)."""
+from training_scripts.math import main
+
+if __name__ == "__main__":
+    main(defaults={"lambda_reg": 0.0})

@@ -1,0 +1,89 @@
+"""What every trainer does around the loop: the run folder (refuse, resume or reuse), seeding,
+the device, and the Trap² objective and loop settings built from a RunConfig."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.updates import METADATA_FILE
+from training_scripts.config import RunConfig, config_dict
+from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp
+from training_scripts.objective import ScaleSampler, Trap2Objective
+
+SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
+BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
+               "eval_batch_size"}
+TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales"}
+
+
+def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
+    """Settings that change the result; fields a saved run predates count as their defaults."""
+    ignored = BOOKKEEPING | (TRAP2_ONLY if saved.get("lambda_reg") == current.get("lambda_reg") == 0 else set())
+    return {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
+            if k not in ignored and saved.get(k, defaults.get(k)) != v}
+
+
+def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
+    """Prepares `out_dir` for `cfg`; True when it already holds this finished run (nothing to do).
+
+    A folder holding another run (finished or interrupted) with other settings is refused rather
+    than silently reused; --overwrite replaces it. `write`: False on the non-main processes.
+    """
+    finished = (out_dir / METADATA_FILE).exists() and not (out_dir / CHECKPOINT).exists()
+    if cfg.overwrite and out_dir.exists():
+        if write:
+            shutil.rmtree(out_dir)
+    elif finished or (out_dir / CHECKPOINT).exists():
+        meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
+        saved = json.loads(meta_path.read_text())["config"] if meta_path.exists() else config_dict(cfg)
+        differing = differing_settings(saved, config_dict(cfg), config_dict(type(cfg)()))
+        if differing:
+            raise ValueError(f"{out_dir} holds a run with other settings ({differing}); pass --overwrite true "
+                             f"to replace it or choose another --output_dir")
+        if finished:
+            print(f"{out_dir} already holds this finished update; pass --overwrite true to retrain")
+            return True
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SETTINGS_FILE).write_text(json.dumps({"config": config_dict(cfg)}, indent=2))
+    return False
+
+
+def close_run_dir(out_dir: Path) -> None:
+    """After the update and its metadata are saved: the checkpoint and settings file are spent."""
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # the metadata now holds the settings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no GPU is visible; use --device cpu")
+    return device
+
+
+def build_objective(cfg: RunConfig) -> Trap2Objective:
+    return Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
+                          cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1)
+
+
+def loop_settings(cfg: RunConfig, lr: float, device: torch.device, auto_amp: str = "fp16") -> LoopSettings:
+    return LoopSettings(
+        lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+        eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
+        amp=resolve_amp(cfg.amp, device, auto_amp), progress=cfg.progress, schedule=cfg.schedule, grad_accum=cfg.grad_accum)
