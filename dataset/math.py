@@ -131,7 +131,7 @@ def load_math_task(name: str, data_root: str | os.PathLike | None = None, seed: 
         splits = {k: [MathExample(r["question"], r["answer"], _answer_after_hashes(r["answer"])) for r in v]
                   for k, v in raw.items()}
     else:
-        ds = _load("EleutherAI/asdiv", None, {"all": root / "asdiv" / "asdiv.jsonl"})
+        ds = _load("EleutherAI/asdiv", None, {"validation": root / "asdiv" / "asdiv.jsonl"})
         rows = ds[next(iter(ds))]
         first = rows.train_test_split(test_size=0.3, seed=seed)
         rest = first["test"].train_test_split(test_size=0.5, seed=seed)

@@ -1,7 +1,7 @@
 """Generated arithmetic word problems in the GSM8K answer format (the offline LLM stand-ins).
 
-- pretext (base pretraining only): bare arithmetic questions and one-step word problems about
-  birds, coins and pages, with +, - and ×.
+- pretext (base pretraining only): bare arithmetic questions (+, -, ×) and one-step word problems
+  about animals arriving and pages left to read.
 - offline-gsm8k: two-step problems (a person gains, then loses, items): "5+3=8\\n8-2=6\\n#### 6".
 - offline-asdiv: one-step multiplication and division problems: "4*6=24\\n#### 24".
 The task templates never appear in the pretext, so fine-tuning has something to learn.
@@ -20,22 +20,27 @@ SIZES = {"train": 2000, "val": 200, "test": 300}
 TASK_OFFSETS = {"pretext": 0, "offline-gsm8k": 1, "offline-asdiv": 2}
 
 
+ANIMALS = ["birds", "ducks", "frogs", "bees", "cats", "fish"]
+
+
 def _pretext(rng: random.Random) -> MathExample:
     kind = rng.randrange(5)
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 60), rng.randint(1, 60)
     if kind == 0:
         return MathExample(f"What is {a} plus {b}?", f"{a}+{b}={a + b}\n#### {a + b}", str(a + b))
     if kind == 1:
         a, b = max(a, b), min(a, b)
         return MathExample(f"What is {a} minus {b}?", f"{a}-{b}={a - b}\n#### {a - b}", str(a - b))
     if kind == 2:
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        a, b = rng.randint(1, 12), rng.randint(1, 12)
         return MathExample(f"What is {a} times {b}?", f"{a}*{b}={a * b}\n#### {a * b}", str(a * b))
     if kind == 3:
-        return MathExample(f"There are {a} birds on a tree. {b} more birds land on it. How many birds are on the "
-                           f"tree now?", f"{a}+{b}={a + b}\n#### {a + b}", str(a + b))
+        animal = rng.choice(ANIMALS)
+        return MathExample(f"There are {a} {animal} in the park. {b} more {animal} arrive. How many {animal} are "
+                           f"in the park now?", f"{a}+{b}={a + b}\n#### {a + b}", str(a + b))
     a, b = max(a, b), min(a, b)
-    return MathExample(f"A book has {a} pages. Kim has read {b} pages. How many pages are left to read?",
+    name = rng.choice(NAMES)
+    return MathExample(f"A book has {a} pages. {name} has read {b} pages. How many pages are left to read?",
                        f"{a}-{b}={a - b}\n#### {a - b}", str(a - b))
 
 

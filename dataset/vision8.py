@@ -279,15 +279,20 @@ def validation_split(name: str, n_test: int, seed: int, val_index_dir: str | os.
     return order[:n_val].tolist(), order[n_val:].tolist()
 
 
+def check_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False) -> None:
+    """Before any weights are loaded: a known name whose files are in place (or will be downloaded)."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    check_present(DATASETS[name], Path(root) if root else default_data_root(), download)
+
+
 def load_splits(name: str, root: str | os.PathLike | None = None, seed: int = 0,
                 val_index_dir: str | os.PathLike | None = None, download: bool = False,
                 caps: dict[str, int] | None = None) -> tuple[dict[str, Dataset], list[str]]:
     """{"train", "val", "test"} datasets of (PIL image, label) and the class names of one dataset."""
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    check_dataset(name, root, download)
     spec = DATASETS[name]
     root = Path(root) if root else default_data_root()
-    check_present(spec, root, download)
     splits, classes = spec.load(root, download)
     if spec.val_from_test:
         val_idx, test_idx = validation_split(name, len(splits["test"]), seed, val_index_dir)

@@ -132,3 +132,27 @@ def test_two_processes_under_torchrun_hold_identical_weights_after_every_step(tm
     assert len(set(ranks[0]["hashes"])) == 4  # the weights did change at every step
     assert (tmp_path / "run" / METADATA_FILE).exists()
     assert json.loads((tmp_path / "run" / METADATA_FILE).read_text())["processes"] == 2
+
+
+def test_real_gsm8k_and_asdiv_load_from_local_files_with_the_paper_splits(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "asdiv").mkdir()
+    rows = [{"question": f"Q{i}: what is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1:,}"}
+            for i in range(998, 1048)]
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:40]) + "\n")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[40:]) + "\n")
+    gsm = load_math_task("gsm8k", tmp_path)
+    assert [len(gsm.splits[s]) for s in ("train", "val", "test")] == [36, 4, 10]
+    assert all(is_correct(ex.target, ex.answer) for ex in gsm.splits["train"])
+    assert gsm.splits["test"][0].answer == "1039" and gsm.splits["test"][0].prompt.endswith("step by step.\n")
+    asdiv = [{"body": f"Seven apples and {i} pears are in a bowl.", "question": "How many fruits are there?",
+              "answer": f"{7 + i} (fruits)", "formula": f"7+{i}={7 + i}", "solution_type": "Addition"}
+             for i in range(40)]
+    (tmp_path / "asdiv" / "asdiv.jsonl").write_text("\n".join(json.dumps(r) for r in asdiv) + "\n")
+    task = load_math_task("asdiv", tmp_path)
+    assert [len(task.splits[s]) for s in ("train", "val", "test")] == [28, 6, 6]
+    ex = task.splits["train"][0]
+    assert ex.question.startswith("Seven apples") and ex.question.endswith("How many fruits are there?")
+    assert ex.target.splitlines()[-1] == f"#### {ex.answer}" and "(" not in ex.answer
+    with pytest.raises(KeyError, match="unknown math task"):
+        load_math_task("math500")

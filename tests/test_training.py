@@ -160,12 +160,17 @@ def test_every_shipped_config_parses(tmp_path):
     from training_scripts.__main__ import SUITE_ONLY
     from training_scripts.suite import SuiteConfig
 
+    from training_scripts.math import MathConfig
+
     configs = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))
-    assert len(configs) >= 10
+    assert len(configs) >= 14
     for path in configs:
         if path.parent.name == "merge":
             cfg = parse_config(GridConfig, ["--config", str(path)])
-            assert cfg.target and cfg.protected and cfg.control and len(cfg.others) == 7
+            assert cfg.target and cfg.protected and cfg.control
+            assert len(cfg.others) == (1 if "math" in path.name or "llama" in path.name else 7)
+        elif path.parent.name == "math":
+            assert parse_config(MathConfig, ["--config", str(path), "--task", "gsm8k"]).model
         else:
             suite = parse_config(SuiteConfig, ["--config", str(path)])
             one = parse_config(TrainConfig, ["--config", str(path), "--dataset", "gtsrb"], yaml_ignores=SUITE_ONLY)

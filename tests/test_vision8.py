@@ -48,13 +48,16 @@ def test_a_missing_dataset_says_where_it_goes_and_how_to_get_it(tmp_path):
         load_splits("resisc45", tmp_path)
 
 
-def test_a_missing_dataset_fails_before_any_training(tmp_path, tiny_hf_clip):
+def test_a_missing_dataset_fails_before_any_weights_load(tmp_path, tiny_hf_clip):
     args = tiny_train_args(tmp_path / "run", model="clip-vit-b32", suite="vision8", dataset="cars",
                            data_root=str(tmp_path / "nowhere"))
-    args["base_options"] = tiny_hf_clip
-    with pytest.raises(DatasetMissing, match="Stanford Cars"):
+    args["base_options"] = {"pretrained": str(tmp_path / "no-weights-either")}
+    with pytest.raises(DatasetMissing, match="Stanford Cars"):  # not the weights' OSError: data is checked first
         train_vision(TrainConfig(**args))
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()
+    args["base_options"] = tiny_hf_clip
+    with pytest.raises(KeyError, match="unknown dataset"):
+        train_vision(TrainConfig(**{**args, "dataset": "imagenet"}))
 
 
 @pytest.mark.parametrize("command,model,options", [

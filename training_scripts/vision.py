@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -77,6 +78,13 @@ def train_vision(cfg: TrainConfig) -> Path:
     """Trains one update and saves it (with metadata and metrics) to the output folder."""
     if not cfg.dataset:
         raise ValueError("--dataset is required (e.g. --dataset gtsrb)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the vision trainer runs in one process (one GPU); launch it without torchrun. "
+                         "Multi-process training is implemented for the math trainer.")
+    if cfg.suite == "vision8":  # fail on missing data before loading (large) weights
+        from dataset.vision8 import check_dataset
+
+        check_dataset(cfg.dataset, cfg.data_root, cfg.download)
     out_dir = cfg.resolved_output_dir()
     if open_run_dir(cfg, out_dir):
         return out_dir
