@@ -151,10 +151,12 @@ def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: Poin
 
     method = get_merge_method(cfg.merge_method)
     merger = TaskMerger(updates, cfg.merge_space, seed=cfg.seed)
+    identity = [u.content_hash for u in updates]  # a retrained update in the same folder is not a logged one
 
     def point(phase: str, c: float, params: dict, merger_: TaskMerger, task_coef: float = 1.0) -> float:
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
-                   method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize)
+                   method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
+                   val_limit=cfg.val_limit)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks("val")
@@ -251,7 +253,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
     # pre-merge pass: zero-shot, and each update alone on every task (standalone accuracy = diagonal)
     pre = {"zero_shot": {}, "alone": {}}
     for split in ("val", "test"):
-        key = _key(phase="pre-merge", split=split, updates=[str(u.path) for u in all_updates],
+        key = _key(phase="pre-merge", split=split, updates=[(str(u.path), u.content_hash) for u in all_updates],
                    val_limit=cfg.val_limit if split == "val" else None)
         if key not in pre_log.done:
             evaluator.apply(None)

@@ -174,6 +174,16 @@ class ReleasedUpdate:
     full: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
+    def content_hash(self) -> str:
+        """sha256 of the weights file: identifies the update itself, not the folder it lies in."""
+        weights = self.path / (PEFT_WEIGHTS if self.kind == "lora" else FULL_FILE)
+        h = hashlib.sha256()
+        with open(weights, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        return h.hexdigest()[:16]
+
+    @property
     def task(self) -> str:
         return self.metadata.get("task", "?")
 

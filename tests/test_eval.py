@@ -118,4 +118,27 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     meta = json.loads((trained_updates["gtsrb-trap2"] / "trap2_update.json").read_text())
     assert f"{100 * meta['test_accuracy']:.1f}" in md.read_text().splitlines()[4]
     table = build_tables(TablesConfig(results=str(tmp_path / "results")))[0].read_text()
-    assert "| offline-vit | lora | 0.1 | 1 |" in table
+    assert "| offline-vit | lora | 0.1 | inv | 1 |" in table
+
+
+def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(trained_updates, tmp_path):
+    """Logged points are keyed by the updates' contents, so resuming never mixes in stale results."""
+    import shutil
+
+    from eval_scripts.linear_search import MergeConfig, run_merge_eval
+
+    folder = tmp_path / "gtsrb-trap2"
+    shutil.copytree(trained_updates["gtsrb-trap2"], folder)
+    cfg = MergeConfig(target="gtsrb", protected=[str(folder)], others=[str(trained_updates["mnist-plain"])],
+                      coef_stop=0.2, method_grid=False, output_dir=str(tmp_path / "merge"), progress=False)
+    run_merge_eval(cfg)
+    n_points = len((tmp_path / "merge" / "points.jsonl").read_text().splitlines())
+    run_merge_eval(cfg)  # same contents: everything comes from the log
+    assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == n_points
+    weights = folder / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file({k: v * 1.5 if "lora_B" in k else v for k, v in tensors.items()}, str(weights))  # "retrained"
+    run_merge_eval(cfg)
+    assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 2 * n_points
