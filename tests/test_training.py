@@ -175,3 +175,13 @@ def test_every_shipped_config_parses(tmp_path):
             suite = parse_config(SuiteConfig, ["--config", str(path)])
             one = parse_config(TrainConfig, ["--config", str(path), "--dataset", "gtsrb"], yaml_ignores=SUITE_ONLY)
             assert one.model == suite.model and suite.protect_lambda > 0
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    from training_scripts.loop import SCHEDULES
+
+    for name, f in SCHEDULES.items():
+        assert f(0, 10, 100) == 0.1 and f(9, 10, 100) == 1.0, name
+        assert f(10, 10, 100) == 1.0 and f(100, 10, 100) == 0.0, name
+    assert SCHEDULES["linear"](55, 10, 100) == 0.5
+    assert abs(SCHEDULES["cosine"](55, 10, 100) - 0.5) < 1e-9
