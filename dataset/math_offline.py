@@ -4,7 +4,9 @@
   about animals arriving and pages left to read.
 - offline-gsm8k: two-step problems (a person gains, then loses, items): "5+3=8\\n8-2=6\\n#### 6".
 - offline-asdiv: one-step multiplication and division problems: "4*6=24\\n#### 24".
-The task templates never appear in the pretext, so fine-tuning has something to learn.
+Numbers stay small (operands up to 20 in the pretext, single digits in the tasks) so that a tiny
+model pretrained for a few minutes knows the arithmetic facts the tasks need; the task templates
+never appear in the pretext, so fine-tuning has something to learn.
 Splits are disjoint by question text and fixed by the seed.
 """
 from __future__ import annotations
@@ -25,14 +27,14 @@ ANIMALS = ["birds", "ducks", "frogs", "bees", "cats", "fish"]
 
 def _pretext(rng: random.Random) -> MathExample:
     kind = rng.randrange(5)
-    a, b = rng.randint(1, 60), rng.randint(1, 60)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
     if kind == 0:
         return MathExample(f"What is {a} plus {b}?", f"{a}+{b}={a + b}\n#### {a + b}", str(a + b))
     if kind == 1:
         a, b = max(a, b), min(a, b)
         return MathExample(f"What is {a} minus {b}?", f"{a}-{b}={a - b}\n#### {a - b}", str(a - b))
     if kind == 2:
-        a, b = rng.randint(1, 12), rng.randint(1, 12)
+        a, b = rng.randint(1, 10), rng.randint(1, 10)
         return MathExample(f"What is {a} times {b}?", f"{a}*{b}={a * b}\n#### {a * b}", str(a * b))
     if kind == 3:
         animal = rng.choice(ANIMALS)
@@ -46,7 +48,7 @@ def _pretext(rng: random.Random) -> MathExample:
 
 def _two_step(rng: random.Random) -> MathExample:
     name, other, item = rng.choice(NAMES), rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 20), rng.randint(1, 15)
+    a, b = rng.randint(2, 9), rng.randint(1, 9)
     c = rng.randint(1, a + b - 1)
     gain = rng.choice([f"buys {b} more {item}", f"finds {b} more {item}", f"gets {b} {item} from {other}"])
     loss = rng.choice([f"gives {c} {item} to {other}", f"loses {c} {item}", f"sells {c} {item}"])

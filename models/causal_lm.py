@@ -26,7 +26,7 @@ from models.updates import fingerprint
 LM_RECIPES: dict[str, dict] = {
     "offline-llama": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                           max_position_embeddings=256, steps=700, batch_size=32, lr=3e-3, warmup=50,
-                          pretext_train=20000, seed=0, corpus=2),
+                          pretext_train=5000, seed=0, corpus=3),
 }
 CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
