@@ -34,7 +34,7 @@ def standalone_rows(root: Path) -> list[dict]:
         data = json.loads(path.read_text())
         cfg, mean = data["config"], data["rows"][-1]
         rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["protect_lambda"]),
-                     "w(s)": cfg.get("rand_alpha_weight", "inv"),
+                     "w(s)": cfg.get("rand_alpha_weight", "inv"), "scales/step": cfg.get("scale_samples", 1),
                      "tasks": len(data["rows"]) - 1,
                      "zero-shot": mean["zero_shot"], "fine-tuned": mean["plain@1"], "Trap²": mean["trap2@1"],
                      "fine-tuned @ s=0.5": mean["plain@0.5"], "Trap² @ s=0.5": mean["trap2@0.5"],
