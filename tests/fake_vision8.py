@@ -46,17 +46,22 @@ def write_cars(root: Path, rng) -> None:
         savemat(annos, {"annotations": records})
 
 
+def _class_folders(rng, images: Path, classes: list[str], split: str) -> list[tuple[str, str]]:
+    """Images under images/<class>/<class>_<split><i>.jpg; returns (class, file name) pairs."""
+    pairs = []
+    for c, i in _samples(split):
+        name = f"{classes[c]}_{split}{i:03d}.jpg"
+        _save(rng, images / classes[c] / name, c)
+        pairs.append((classes[c], name))
+    return pairs
+
+
 def write_dtd(root: Path, rng) -> None:
     base = root / "dtd" / "dtd"
-    classes = ["banded", "blotchy", "zigzagged"]
+    (base / "labels").mkdir(parents=True)
     for split in ("train", "val", "test"):
-        lines = []
-        for c, i in _samples(split):
-            name = f"{classes[c]}_{split}_{i:04d}.jpg"
-            _save(rng, base / "images" / classes[c] / name, c)
-            lines.append(f"{classes[c]}/{name}")
-        (base / "labels").mkdir(parents=True, exist_ok=True)
-        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+        pairs = _class_folders(rng, base / "images", ["banded", "blotchy", "zigzagged"], split)
+        (base / "labels" / f"{split}1.txt").write_text("".join(f"{c}/{name}\n" for c, name in pairs))
 
 
 def write_eurosat(root: Path, rng) -> None:
@@ -90,14 +95,9 @@ def write_mnist(root: Path, rng) -> None:
 
 def write_resisc45(root: Path, rng) -> None:
     base = root / "resisc45"
-    classes = ["airplane", "baseball_diamond", "sea_ice"]
     for split in ("train", "val", "test"):
-        names = []
-        for c, i in _samples(split):
-            name = f"{classes[c]}_{split}{i:03d}.jpg"
-            _save(rng, base / "NWPU-RESISC45" / classes[c] / name, c)
-            names.append(name)
-        (base / f"resisc45-{split}.txt").write_text("\n".join(names) + "\n")
+        pairs = _class_folders(rng, base / "NWPU-RESISC45", ["airplane", "baseball_diamond", "sea_ice"], split)
+        (base / f"resisc45-{split}.txt").write_text("".join(f"{name}\n" for _, name in pairs))
 
 
 def write_aircraft(root: Path, rng) -> None:
