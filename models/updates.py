@@ -17,6 +17,7 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
@@ -173,9 +174,10 @@ class ReleasedUpdate:
     lora: dict[str, LoraFactors] = field(default_factory=dict)
     full: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
-        """sha256 of the weights file: identifies the update itself, not the folder it lies in."""
+        """sha256 of the weights file: identifies the update itself, not the folder it lies in.
+        Read once per loaded update (full updates of large models are gigabytes)."""
         weights = self.path / (PEFT_WEIGHTS if self.kind == "lora" else FULL_FILE)
         h = hashlib.sha256()
         with open(weights, "rb") as fh:
