@@ -66,6 +66,11 @@ class RunConfig:
     def protected(self) -> bool:
         return self.lambda_reg > 0
 
+    @property
+    def learning_rate(self) -> float:
+        """`lr`, or the trainer's default when it is None (each trainer defines its own)."""
+        raise NotImplementedError
+
 
 @dataclass
 class TrainConfig(RunConfig):

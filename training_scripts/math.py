@@ -26,8 +26,8 @@ from models.updates import ScaledUpdate, save_update
 from training_scripts import distributed
 from training_scripts.config import RunConfig, config_dict, parse_config
 from training_scripts.loop import run_loop
-from training_scripts.runs import (build_objective, close_run_dir, loop_settings, open_run_dir, resolve_device,
-                                   seed_everything)
+from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
+                                   resolve_device, seed_everything)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -133,8 +133,7 @@ class MicroBatches:
         g = index * distributed.world_size() + distributed.rank()
         epoch, k = divmod(g, self.per_epoch)
         if self.order is None or self.order[0] != epoch:
-            perm = torch.randperm(len(self.encoded), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            self.order = (epoch, perm)
+            self.order = (epoch, epoch_order(len(self.encoded), self.seed, epoch))
         picks = self.order[1][k * self.batch_size:(k + 1) * self.batch_size].tolist()
         return {n: t.to(self.device) for n, t in collate([self.encoded[i] for i in picks], self.pad_id).items()}
 
@@ -178,7 +177,7 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
 
     result = run_loop(lm.model, update, build_objective(cfg), loss_fn,
                       MicroBatches(encoded, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, device), evaluate,
-                      loop_settings(cfg, cfg.learning_rate, device, auto_amp="bf16"), out_dir, device, on_step)
+                      loop_settings(cfg, device, auto_amp="bf16"), out_dir, device, on_step)
     test_by_scale = {}
     for s in cfg.report_scales:
         with update.set_scale(s):

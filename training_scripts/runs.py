@@ -76,14 +76,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training examples' order in an epoch: a pure function of (seed, epoch), so a resumed run
+    replays exactly the batches an uninterrupted one would have seen."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def build_objective(cfg: RunConfig) -> Trap2Objective:
     return Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
                           cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1)
 
 
-def loop_settings(cfg: RunConfig, lr: float, device: torch.device, auto_amp: str = "fp16") -> LoopSettings:
+def loop_settings(cfg: RunConfig, device: torch.device, auto_amp: str = "fp16") -> LoopSettings:
     return LoopSettings(
-        lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
         eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
-        amp=resolve_amp(cfg.amp, device, auto_amp), progress=cfg.progress, schedule=cfg.schedule, grad_accum=cfg.grad_accum)
+        amp=resolve_amp(cfg.amp, device, auto_amp), progress=cfg.progress, schedule=cfg.schedule,
+        grad_accum=cfg.grad_accum)

@@ -13,8 +13,8 @@ from models.updates import METADATA_FILE, ScaledUpdate, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_base, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
-from training_scripts.runs import (build_objective, close_run_dir, loop_settings, open_run_dir, resolve_device,
-                                   seed_everything)
+from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
+                                   resolve_device, seed_everything)
 
 REPORT_SCALES = (0.0, 0.125, 0.5, 1.0)  # s = 0 is the frozen base; 1/8 and 1/2 are merge-like scales
 
@@ -54,7 +54,7 @@ class StepBatches:
 
     def _start(self, step: int) -> None:
         epoch, k = divmod(step, self.per_epoch)
-        order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = epoch_order(self.n_train, self.seed, epoch)
         chunks = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(k, self.per_epoch)]
         self.stream = prefetched(self.task, "train", chunks, self.workers, self.device.type == "cuda")
 
@@ -109,7 +109,7 @@ def train_vision(cfg: TrainConfig) -> Path:
 
     result = run_loop(model, update, objective, loss_fn, batch_at,
                       lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
-                      loop_settings(cfg, cfg.learning_rate, device), out_dir, device)
+                      loop_settings(cfg, device), out_dir, device)
 
     val = evaluate(model, task, "val", cfg.eval_batch_size, device)
     test_by_scale = scale_report(model, update, task, "test", cfg, device)
