@@ -46,13 +46,18 @@ def prototype_head(backbone: Backbone, images: torch.Tensor, labels: torch.Tenso
     return F.normalize(head, dim=-1)
 
 
+def write_head(path: Path, head: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
+    """Writes a head as safetensors atomically (a crash never leaves a half-written cache entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"head": head.contiguous()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
 def cached_head(path: Path, make) -> torch.Tensor:
     """Reads a head from `path` (safetensors) or builds it with `make()` and writes it there."""
     if path.exists():
         return load_file(str(path))["head"]
     head = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"head": head.contiguous()}, str(tmp))
-    tmp.replace(path)
+    write_head(path, head)
     return head

@@ -74,8 +74,8 @@ def task_head(base: Base, task: VisionTask, data: DataSettings) -> torch.Tensor:
     device = next(base.backbone.parameters()).device
 
     def make():
-        images = torch.cat([x for x, _ in task.batches("train", 512)])
-        labels = torch.cat([y for _, y in task.batches("train", 512)])
+        images, labels = zip(*task.batches("train", 512))  # one pass over the training images
+        images, labels = torch.cat(images), torch.cat(labels)
         return prototype_head(base.backbone, images.to(device), labels.to(device), len(task.classes),
                               data.head_shots).cpu()
 
@@ -85,10 +85,10 @@ def task_head(base: Base, task: VisionTask, data: DataSettings) -> torch.Tensor:
 def load_task(base: Base, name: str, data: DataSettings) -> VisionTask:
     spec = base.backbone.spec
     device = next(base.backbone.parameters()).device
+    preprocess = base.backbone.preprocess if data.suite == "vision8" else None  # offline tasks come as tensors
     return load_vision_task(data.suite, name, spec.mean, spec.std, seed=data.data_seed, sizes=data.split_sizes,
-                            preprocess=base.backbone.preprocess if data.suite == "vision8" else None, data_root=data.data_root,
-                            val_index_dir=data.val_index_dir, download=data.download,
-                            num_workers=data.workers(), pin_memory=device.type == "cuda")
+                            preprocess=preprocess, data_root=data.data_root, val_index_dir=data.val_index_dir,
+                            download=data.download, num_workers=data.workers(), pin_memory=device.type == "cuda")
 
 
 def classifier_for(base: Base, task: VisionTask, data: DataSettings) -> ZeroShotClassifier:

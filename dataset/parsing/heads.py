@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dataset.offline import cache_root
 from dataset.vision8 import DATASETS, load_splits
 from models.backbones import TextEncoder, get_backbone_spec
+from models.classifier import write_head
 
 
 @torch.no_grad()
@@ -53,11 +53,7 @@ def text_head(backbone, fingerprint: str, dataset: str, classes: Sequence[str], 
     if path.exists() and not overwrite:
         return read_head(path, classes)
     head = zero_shot_head(encoder or backbone.text_encoder(), classes, DATASETS[dataset].templates)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"head": head.contiguous()}, str(tmp), metadata={"classes": json.dumps(list(classes)),
-                                                               "templates": json.dumps(DATASETS[dataset].templates)})
-    tmp.replace(path)
+    write_head(path, head, {"classes": json.dumps(list(classes)), "templates": json.dumps(DATASETS[dataset].templates)})
     return head
 
 
