@@ -21,8 +21,9 @@ class VisionTask(Protocol):
     name: str
     classes: list[str]
 
-    def batches(self, split: str, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, split: str, batch_size: int,
+                limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in order, in batches; only its first `limit` images if given."""
 
     def size(self, split: str) -> int: ...
 
@@ -51,8 +52,8 @@ class TensorVisionTask:
     def batch(self, split, indices):
         return self.normalise(self.images[split][indices]), self.labels[split][indices]
 
-    def batches(self, split, batch_size, shuffle=False, generator=None):
-        yield from prefetched(self, split, _chunks(self.size(split), batch_size, shuffle, generator))
+    def batches(self, split, batch_size, limit=None):
+        yield from prefetched(self, split, _chunks(self.size(split), batch_size, limit))
 
 
 @dataclass
@@ -74,14 +75,15 @@ class FileVisionTask:
         images = [image.convert("RGB") for image, _ in items]  # MNIST is greyscale
         return self.preprocess(images), torch.tensor([label for _, label in items])
 
-    def batches(self, split, batch_size, shuffle=False, generator=None):
-        yield from prefetched(self, split, _chunks(self.size(split), batch_size, shuffle, generator),
+    def batches(self, split, batch_size, limit=None):
+        yield from prefetched(self, split, _chunks(self.size(split), batch_size, limit),
                               self.num_workers, self.pin_memory)
 
 
-def _chunks(n: int, batch_size: int, shuffle: bool, generator) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+def _chunks(n: int, batch_size: int, limit: int | None) -> list[torch.Tensor]:
+    # Cut before batching, so workers never prepare batches past the limit.
+    order = torch.arange(n if limit is None else min(n, limit))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class _BatchList(Dataset):

@@ -103,11 +103,7 @@ def evaluate(model: torch.nn.Module, task: VisionTask, split: str, batch_size: i
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
-    for x, y in task.batches(split, batch_size):
-        if limit is not None:
-            if n >= limit:
-                break
-            x, y = x[:limit - n], y[:limit - n]
+    for x, y in task.batches(split, batch_size, limit):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x).float()
         correct += int((logits.argmax(-1) == y).sum())

@@ -102,6 +102,15 @@ def test_evaluate_limit_counts_images_not_batches(trained_updates):
     with torch.no_grad():
         expected = (t.classifier(x).argmax(-1) == y).float().mean().item()
     assert limited["accuracy"] == pytest.approx(expected)
+    # The limit cuts the batch list itself: no image past it is ever prepared.
+    prepared = []
+    original = t.task.batch
+    t.task.batch = lambda split, indices: prepared.append(len(indices)) or original(split, indices)
+    try:
+        assert [len(y) for _, y in t.task.batches("val", 4, limit=10)] == [4, 4, 2]
+    finally:
+        del t.task.batch
+    assert prepared == [4, 4, 2]
 
 
 def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
