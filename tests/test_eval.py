@@ -127,7 +127,19 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     meta = json.loads((trained_updates["gtsrb-trap2"] / "trap2_update.json").read_text())
     assert f"{100 * meta['test_accuracy']:.1f}" in md.read_text().splitlines()[4]
     table = build_tables(TablesConfig(results=str(tmp_path / "results")))[0].read_text()
-    assert "| offline-vit | lora | 0.1 | inv | 1 | 1 |" in table
+    assert "| offline-vit | lora | 0.1 | inv | 1 | 1 | 1 |" in table
+
+    # A second seed: each task's entry becomes the mean over seeds, with a per-seed summary.
+    for name in ("gtsrb-plain", "gtsrb-trap2"):
+        other = json.loads((trained_updates[name] / "trap2_update.json").read_text())
+        other["test_by_scale"]["1"]["accuracy"] = 0.5
+        (runs / f"{name}-seed421").mkdir()
+        (runs / f"{name}-seed421" / "trap2_update.json").write_text(json.dumps(other))
+    cfg.seeds = [420, 421]
+    data = json.loads(write_standalone_table(cfg, ["gtsrb"]).with_suffix(".json").read_text())
+    assert data["rows"][0]["trap2@1"] == pytest.approx((meta["test_accuracy"] + 0.5) / 2)
+    assert data["rows_by_seed"]["421"][-1]["trap2@1"] == 0.5
+    assert "| 421 |" in (tmp_path / "results" / "standalone-lambda0.1.md").read_text()
 
 
 def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(trained_updates, tmp_path):

@@ -3,7 +3,9 @@
     python -m training_scripts.suite --config configs/offline/vit_lora.yaml
 
 Each run is skipped when its update already exists (and resumes from its checkpoint if it was
-interrupted), so the command can simply be re-run after a crash.
+interrupted), so the command can simply be re-run after a crash. With `--seeds 420 421 422` every
+run is repeated per seed and the table reports each task's mean over the seeds (one run's test
+accuracy on these small tasks moves by a few points from seed to seed).
 """
 from __future__ import annotations
 
@@ -21,49 +23,80 @@ from training_scripts.vision import REPORT_SCALES, train_vision
 @dataclass
 class SuiteConfig(TrainConfig):
     tasks: list[str] | None = None  # default: the eight paper tasks
+    seeds: list[int] | None = None  # default: [seed]; the table averages every task over them
     protect_lambda: float = 0.02  # λ of the protected runs (the unprotected ones use 0)
     runs_root: str = "runs"
     results: str | None = None  # default: results/<suite>/<model>/<peft>/standalone
 
 
-def run_dir(cfg: SuiteConfig, task: str, protected: bool) -> Path:
-    return Path(cfg.runs_root) / cfg.suite / cfg.model / cfg.peft / f"{task}-{'trap2' if protected else 'plain'}"
+def suite_seeds(cfg: SuiteConfig) -> list[int]:
+    return list(cfg.seeds or [cfg.seed])
+
+
+def run_dir(cfg: SuiteConfig, task: str, protected: bool, seed: int | None = None) -> Path:
+    """`<task>-plain|trap2`, with `-seed<N>` for every seed but the config's own (so the main runs
+    keep the names the merge configs point at)."""
+    name = f"{task}-{'trap2' if protected else 'plain'}"
+    if seed is not None and seed != cfg.seed:
+        name += f"-seed{seed}"
+    return Path(cfg.runs_root) / cfg.suite / cfg.model / cfg.peft / name
 
 
 def train_suite(cfg: SuiteConfig) -> Path:
     tasks = cfg.tasks or list(PAPER_TASKS)
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for task in tasks:
-        for protected in (False, True):
-            values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
-            values.update(dataset=task, lambda_reg=cfg.protect_lambda if protected else 0.0,
-                          output_dir=str(run_dir(cfg, task, protected)))
-            train_vision(TrainConfig(**values))
+    for seed in suite_seeds(cfg):
+        for task in tasks:
+            for protected in (False, True):
+                values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
+                values.update(dataset=task, seed=seed, lambda_reg=cfg.protect_lambda if protected else 0.0,
+                              output_dir=str(run_dir(cfg, task, protected, seed)))
+                train_vision(TrainConfig(**values))
     return write_standalone_table(cfg, tasks)
 
 
-def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
+def _with_mean(rows: list[dict]) -> list[dict]:
+    return rows + [{"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}]
+
+
+def _seed_rows(cfg: SuiteConfig, tasks: list[str], seed: int) -> list[dict]:
     rows = []
     for task in tasks:
-        plain = json.loads((run_dir(cfg, task, False) / METADATA_FILE).read_text())
-        trap2 = json.loads((run_dir(cfg, task, True) / METADATA_FILE).read_text())
+        plain = json.loads((run_dir(cfg, task, False, seed) / METADATA_FILE).read_text())
+        trap2 = json.loads((run_dir(cfg, task, True, seed) / METADATA_FILE).read_text())
         row = {"task": task, "zero_shot": plain["zero_shot_test_accuracy"]}
         for tag, meta in (("plain", plain), ("trap2", trap2)):
             for s in REPORT_SCALES[1:]:
                 row[f"{tag}@{s:g}"] = meta["test_by_scale"][f"{s:g}"]["accuracy"]
         rows.append(row)
-    mean = {"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}
-    rows.append(mean)
+    return _with_mean(rows)
+
+
+def _markdown_table(rows: list[dict], first: str = "task") -> list[str]:
+    cols = [c for c in rows[0] if c != first]
+    lines = [f"| {first} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    return lines + ["| " + " | ".join([str(r[first])] + [f"{100 * r[c]:.1f}" for c in cols]) + " |" for r in rows]
+
+
+def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
+    seeds = suite_seeds(cfg)
+    per_seed = {seed: _seed_rows(cfg, tasks, seed) for seed in seeds}
+    rows = _with_mean([{"task": task, **{k: sum(per_seed[seed][i][k] for seed in seeds) / len(seeds)
+                                         for k in per_seed[seeds[0]][i] if k != "task"}}
+                       for i, task in enumerate(tasks)])
     out = Path(cfg.results or Path("results") / cfg.suite / cfg.model / cfg.peft / "standalone")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cols = list(rows[0])
+    over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
-             f"Trap² λ = {cfg.protect_lambda}. s = 1 is the released update; s = 0 is the frozen base.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["task"]] + [f"{100 * r[c]:.1f}" for c in cols[1:]]) + " |")
+             f"Trap² λ = {cfg.protect_lambda}{over}. s = 1 is the released update; s = 0 is the frozen base.", ""]
+    lines += _markdown_table(rows)
+    if len(seeds) > 1:
+        summary = [{"seed": seed, **{k: v for k, v in per_seed[seed][-1].items() if k != "task"},
+                    "cost": per_seed[seed][-1]["plain@1"] - per_seed[seed][-1]["trap2@1"]} for seed in seeds]
+        lines += ["", "Task means of each seed (cost = plain@1 − trap2@1):", ""] + _markdown_table(summary, "seed")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{out}.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2))
+    Path(f"{out}.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows,
+                                               "rows_by_seed": {str(k): v for k, v in per_seed.items()}}, indent=2))
     print("\n".join(lines))
     return Path(f"{out}.md")
 
