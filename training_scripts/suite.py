@@ -59,11 +59,17 @@ def _with_mean(rows: list[dict]) -> list[dict]:
     return rows + [{"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}]
 
 
+def _finished_run(folder: Path) -> dict:
+    if not (folder / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no finished update; run the suite command again (with the same "
+                                f"--runs_root, --tasks and --seeds) to train it first")
+    return json.loads((folder / METADATA_FILE).read_text())
+
+
 def _seed_rows(cfg: SuiteConfig, tasks: list[str], seed: int) -> list[dict]:
     rows = []
     for task in tasks:
-        plain = json.loads((run_dir(cfg, task, False, seed) / METADATA_FILE).read_text())
-        trap2 = json.loads((run_dir(cfg, task, True, seed) / METADATA_FILE).read_text())
+        plain, trap2 = (_finished_run(run_dir(cfg, task, protected, seed)) for protected in (False, True))
         row = {"task": task, "zero_shot": plain["zero_shot_test_accuracy"]}
         for tag, meta in (("plain", plain), ("trap2", trap2)):
             for s in REPORT_SCALES[1:]:
