@@ -35,8 +35,10 @@ def standalone_rows(root: Path) -> list[dict]:
         cfg, mean = data["config"], data["rows"][-1]
         rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["protect_lambda"]),
                      "w(s)": cfg.get("rand_alpha_weight", "inv"), "scales/step": cfg.get("scale_samples", 1),
+                     "lr": "default" if cfg["lr"] is None else f"{cfg['lr']:g}", "steps": cfg["max_steps"], "eval every": cfg["eval_freq"],
                      "tasks": len(data["rows"]) - 1, "seeds": len(cfg.get("seeds") or [cfg["seed"]]),
                      "zero-shot": mean["zero_shot"], "fine-tuned": mean["plain@1"], "Trap²": mean["trap2@1"],
+                     "cost": f"{100 * (mean['plain@1'] - mean['trap2@1']):.2f}",  # 2 decimals: never rounded past a target
                      "fine-tuned @ s=0.5": mean["plain@0.5"], "Trap² @ s=0.5": mean["trap2@0.5"],
                      "Trap² @ s=1/8": mean["trap2@0.125"]})
     return rows
