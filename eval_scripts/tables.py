@@ -6,6 +6,9 @@
   base, the unprotected fine-tune and the Trap²-protected update (from training_scripts.suite).
 - Post-merging tables: per target, method × space, the target's test accuracy after the attacker's
   best merge, protected vs the all-unprotected control, and the mean over tasks.
+- `<output>-tradeoff.png`: each standalone setting's cost of protection at s = 1 against what is
+  left at s = 0.5 above the zero-shot base, with the foundation issue's target box
+  (cost ≤ 1.5 points, at most 5 points above the base).
 """
 from __future__ import annotations
 
@@ -110,7 +113,46 @@ def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text("\n".join(md) + "\n")
     Path(f"{out}.tex").write_text("\n".join(tex) + "\n")
+    if standalone:
+        _tradeoff_plot(standalone, Path(f"{out}-tradeoff.png"))
     return Path(f"{out}.md"), Path(f"{out}.tex")
+
+
+def _tradeoff_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = dict.fromkeys((r["backbone"], r["update"]) for r in rows)
+    all_x, all_y = [], []
+    for (backbone, update), marker in zip(groups, "osD^v<>"):
+        mine = [r for r in rows if (r["backbone"], r["update"]) == (backbone, update)]
+        xs = [100 * (r["fine-tuned"] - r["Trap²"]) for r in mine]
+        ys = [100 * (r["Trap² @ s=0.5"] - r["zero-shot"]) for r in mine]
+        all_x += xs
+        all_y += ys
+        ax.scatter(xs, ys, marker=marker, label=f"{backbone} {update}", zorder=3)
+        usual = {k: max((r[k] for r in mine), key=[r[k] for r in mine].count) for k in ("lr", "steps", "eval every")}
+        for r, x, y in zip(mine, xs, ys):
+            label = f"λ{r['λ']} {r['w(s)']} K{r['scales/step']}"
+            label += "".join(f" {k} {r[k]}" for k in usual if r[k] != usual[k])  # only what sets it apart
+            label += f" ×{r['seeds']} seeds" if r["seeds"] > 1 else ""
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    xlim = (min(all_x + [0]) - 0.5, max(all_x + [1.5]) + 1.0)
+    ylim = (min(all_y + [0]) - 3, max(all_y + [5]) + 3)
+    ax.fill_between([xlim[0], 1.5], ylim[0], 5, color="tab:green", alpha=0.12, label="target", zorder=1)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("cost at s = 1: fine-tuned − Trap² (points)")
+    ax.set_ylabel("Trap² at s = 0.5 − zero-shot (points)")
+    ax.set_title("Standalone trade-off of each Trap² setting (mean over the suite's tasks)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -127,6 +127,7 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     meta = json.loads((trained_updates["gtsrb-trap2"] / "trap2_update.json").read_text())
     assert f"{100 * meta['test_accuracy']:.1f}" in md.read_text().splitlines()[4]
     table = build_tables(TablesConfig(results=str(tmp_path / "results")))[0].read_text()
+    assert (tmp_path / "results" / "tables-tradeoff.png").stat().st_size > 1000
     assert "| offline-vit | lora | 0.1 | inv | 1 | default | 10000 | 2000 | 1 | 1 |" in table
 
     # A second seed: each task's entry becomes the mean over seeds, with a per-seed summary.
