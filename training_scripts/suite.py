@@ -45,18 +45,23 @@ def run_dir(cfg: SuiteConfig, task: str, protected: bool, seed: int | None = Non
 def train_suite(cfg: SuiteConfig) -> Path:
     tasks = cfg.tasks or list(PAPER_TASKS)
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
     for seed in suite_seeds(cfg):
         for task in tasks:
             for protected in (False, True):
-                values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
-                values.update(dataset=task, seed=seed, lambda_reg=cfg.protect_lambda if protected else 0.0,
-                              output_dir=str(run_dir(cfg, task, protected, seed)))
-                train_vision(TrainConfig(**values))
+                train_vision(TrainConfig(**{**shared, "dataset": task, "seed": seed,
+                                            "lambda_reg": cfg.protect_lambda if protected else 0.0,
+                                            "output_dir": str(run_dir(cfg, task, protected, seed))}))
     return write_standalone_table(cfg, tasks)
 
 
+def _mean_row(rows: list[dict], task: str) -> dict:
+    """The rows' column-wise mean, labelled `task`."""
+    return {"task": task, **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}
+
+
 def _with_mean(rows: list[dict]) -> list[dict]:
-    return rows + [{"task": "mean", **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "task"}}]
+    return rows + [_mean_row(rows, "mean")]
 
 
 def _finished_run(folder: Path) -> dict:
@@ -87,9 +92,7 @@ def _markdown_table(rows: list[dict], first: str = "task") -> list[str]:
 def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     seeds = suite_seeds(cfg)
     per_seed = {seed: _seed_rows(cfg, tasks, seed) for seed in seeds}
-    rows = _with_mean([{"task": task, **{k: sum(per_seed[seed][i][k] for seed in seeds) / len(seeds)
-                                         for k in per_seed[seeds[0]][i] if k != "task"}}
-                       for i, task in enumerate(tasks)])
+    rows = _with_mean([_mean_row([per_seed[seed][i] for seed in seeds], task) for i, task in enumerate(tasks)])
     out = Path(cfg.results or Path("results") / cfg.suite / cfg.model / cfg.peft / "standalone")
     out.parent.mkdir(parents=True, exist_ok=True)
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
