@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -69,8 +71,11 @@ def task_head(base: Base, task: VisionTask, data: DataSettings) -> torch.Tensor:
         from dataset.parsing.heads import text_head
 
         return text_head(base.backbone, base.fingerprint, task.name, task.classes)
+    # Other split sizes draw other training images, so they get their own head.
+    sizes = "" if data.split_sizes is None else "-sizes" + hashlib.sha256(
+        json.dumps(data.split_sizes, sort_keys=True).encode()).hexdigest()[:8]
     path = (cache_root() / "heads" / base.fingerprint /
-            f"{data.suite}-{task.name}-seed{data.data_seed}-shots{data.head_shots}.safetensors")
+            f"{data.suite}-{task.name}-seed{data.data_seed}-shots{data.head_shots}{sizes}.safetensors")
     device = next(base.backbone.parameters()).device
 
     def make():

@@ -185,3 +185,21 @@ def test_schedules_warm_up_then_decay_to_zero():
         assert f(10, 10, 100) == 1.0 and f(100, 10, 100) == 0.0, name
     assert SCHEDULES["linear"](55, 10, 100) == 0.5
     assert abs(SCHEDULES["cosine"](55, 10, 100) - 0.5) < 1e-9
+
+
+def test_heads_of_other_split_sizes_are_built_from_their_own_training_images(tmp_path, monkeypatch):
+    from conftest import TINY_BASE
+    from models.classifier import prototype_head
+    from models.vision import DataSettings, load_base, load_task, task_head
+
+    monkeypatch.setenv("TRAP2_DATA", str(tmp_path))
+    base = load_base("offline-vit", TINY_BASE)
+    heads = []
+    for train_size in (120, 160):  # the second must not reuse the head cached for the first
+        data = DataSettings(split_sizes={"train": train_size, "val": 32, "test": 32}, head_shots=4)
+        task = load_task(base, "gtsrb", data)
+        images, labels = zip(*task.batches("train", 512))
+        own = prototype_head(base.backbone, torch.cat(images), torch.cat(labels), len(task.classes), 4)
+        heads.append(task_head(base, task, data))
+        assert torch.equal(heads[-1], own)
+    assert not torch.equal(heads[0], heads[1])
