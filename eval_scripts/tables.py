@@ -36,8 +36,9 @@ def standalone_rows(root: Path) -> list[dict]:
     for path in sorted(root.glob("**/standalone*.json")):
         data = json.loads(path.read_text())
         cfg, mean = data["config"], data["rows"][-1]
+        weight = cfg.get("rand_alpha_weight", "inv") + (f", cap {cfg['off_loss_cap']:g}" if cfg.get("off_loss_cap") else "")
         rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["protect_lambda"]),
-                     "w(s)": cfg.get("rand_alpha_weight", "inv"), "scales/step": cfg.get("scale_samples", 1),
+                     "w(s)": weight, "scales/step": cfg.get("scale_samples", 1),
                      "lr": "default" if cfg["lr"] is None else f"{cfg['lr']:g}", "steps": cfg["max_steps"], "eval every": cfg["eval_freq"],
                      "tasks": len(data["rows"]) - 1, "seeds": len(cfg.get("seeds") or [cfg["seed"]]),
                      "zero-shot": mean["zero_shot"], "fine-tuned": mean["plain@1"], "Trap²": mean["trap2@1"],

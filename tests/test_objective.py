@@ -66,6 +66,28 @@ def test_gradient_matches_hand_computation(weight):
     assert torch.allclose(model.weight.grad, expected, atol=1e-6)
 
 
+def test_off_loss_cap_stops_only_the_examples_broken_past_it():
+    model, w0, update = _toy("full")
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    s, lam, cap = 1.8, 0.5, 1.0
+
+    def per_example_mse(forward, batch):
+        inputs, targets = batch
+        return ((forward(inputs) - targets) ** 2).mean(1)
+
+    Trap2Objective(lam, fixed_scales=[s], off_loss_cap=cap).backward(model, update, per_example_mse, (x, y))
+    W = model.weight.detach()
+    Ws = w0 + s * (W - w0)
+    off = ((x @ Ws.T - y) ** 2).mean(1)
+    assert (off > cap).any() and (off < cap).any()  # the case tested: some examples past the cap, some not
+    live = off < cap  # d/dW of mean_i min(L_i, cap): only examples below the cap contribute
+    grad_nominal = 2 / y.numel() * (x @ W.T - y).T @ x
+    grad_off = 2 / y.numel() * ((x @ Ws.T - y) * live[:, None]).T @ x * s
+    assert torch.allclose(model.weight.grad, grad_nominal - lam / s * grad_off, atol=1e-6)
+    with pytest.raises(ValueError, match="off_loss_cap"):
+        Trap2Objective(lam, off_loss_cap=0.0)
+
+
 def test_lambda_zero_is_plain_gradient():
     model, _, update = _toy("full")
     x, y = torch.randn(5, 3), torch.randn(5, 2)

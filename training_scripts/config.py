@@ -23,6 +23,8 @@ class RunConfig:
     rand_alpha_weight: str = "inv"  # inv | inv_sqrt | none
     scale_samples: int = 1
     fixed_scales: list[float] | None = None
+    # cap of each example's off-scale loss (math: of the batch's); None: the paper's unbounded term
+    off_loss_cap: float | None = None
     # LoRA
     lora_rank: int = 16
     lora_alpha: float = 16.0

@@ -73,7 +73,8 @@ class RngSnapshot:
 
 
 LossFn = Callable[[Callable[..., object], object], torch.Tensor]
-"""loss_fn(model, batch) -> scalar loss; called with the update at s = 1, then re-scaled."""
+"""loss_fn(model, batch) -> the loss of each example (or one scalar); called with the update at s = 1,
+then re-scaled. The objective averages it."""
 
 
 class Trap2Objective:
@@ -85,13 +86,16 @@ class Trap2Objective:
     """
 
     def __init__(self, lambda_reg: float, sampler: ScaleSampler | None = None, weight: str = "inv",
-                 samples_per_step: int = 1, fixed_scales: Sequence[float] | None = None, seed: int = 0):
+                 samples_per_step: int = 1, fixed_scales: Sequence[float] | None = None, seed: int = 0,
+                 off_loss_cap: float | None = None):
         if lambda_reg < 0:
             raise ValueError(f"lambda_reg must be >= 0, got {lambda_reg}")
         if weight not in SCALE_WEIGHTS:
             raise ValueError(f"unknown scale weight {weight!r}; choose one of {sorted(SCALE_WEIGHTS)}")
         if samples_per_step < 1:
             raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
+        if off_loss_cap is not None and not off_loss_cap > 0:
+            raise ValueError(f"off_loss_cap must be > 0 (or None for the paper's unbounded term), got {off_loss_cap}")
         if fixed_scales is not None and any(s <= 0 for s in fixed_scales):
             raise ValueError(f"fixed scales must be > 0, got {list(fixed_scales)}")
         self.lambda_reg = lambda_reg
@@ -100,7 +104,13 @@ class Trap2Objective:
         self.weight = SCALE_WEIGHTS[weight]
         self.samples_per_step = samples_per_step
         self.fixed_scales = list(fixed_scales) if fixed_scales else None
+        self.off_loss_cap = off_loss_cap
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _off_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """Mean off-scale loss; with a cap, an example already broken past it stops pulling (the
+        paper's term is unbounded, so late in training it keeps pushing broken examples further)."""
+        return (losses if self.off_loss_cap is None else losses.clamp(max=self.off_loss_cap)).mean()
 
     @property
     def protects(self) -> bool:
@@ -121,7 +131,7 @@ class Trap2Objective:
         device = next(iter(update.params.values())).device
         rng = RngSnapshot(device)
         with autocast():
-            nominal = loss_fn(model, batch)
+            nominal = loss_fn(model, batch).mean()
         scale_loss(nominal).backward()
         metrics = {"loss": float(nominal.detach())}
         if not self.protects:
@@ -132,7 +142,7 @@ class Trap2Objective:
             rng.restore()
             with update.rescaled(model, s):
                 with autocast():
-                    off = loss_fn(model, batch)
+                    off = self._off_loss(loss_fn(model, batch))
                 term = -self.lambda_reg * self.weight(s) * off / len(scales)
                 scale_loss(term).backward()  # inside: checkpointed layers recompute with the scaled weights
             off_losses.append(float(off.detach()))

@@ -18,7 +18,8 @@ from training_scripts.objective import ScaleSampler, Trap2Objective
 SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
 BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
                "eval_batch_size"}
-TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales"}
+TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
+               "off_loss_cap"}
 
 
 def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
@@ -84,7 +85,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def build_objective(cfg: RunConfig) -> Trap2Objective:
     return Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
-                          cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1)
+                          cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1,
+                          off_loss_cap=cfg.off_loss_cap)
 
 
 def loop_settings(cfg: RunConfig, device: torch.device, auto_amp: str = "fp16") -> LoopSettings:
