@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -14,6 +12,7 @@ from dataset.offline import cache_root
 from dataset.vision import VisionTask, load_vision_task
 from models.backbones import Backbone, build_backbone
 from models.classifier import ZeroShotClassifier, cached_head, prototype_head
+from models.pretrain import recipe_hash
 from models.updates import fingerprint
 
 
@@ -72,8 +71,7 @@ def task_head(base: Base, task: VisionTask, data: DataSettings) -> torch.Tensor:
 
         return text_head(base.backbone, base.fingerprint, task.name, task.classes)
     # Other split sizes draw other training images, so they get their own head.
-    sizes = "" if data.split_sizes is None else "-sizes" + hashlib.sha256(
-        json.dumps(data.split_sizes, sort_keys=True).encode()).hexdigest()[:8]
+    sizes = "" if data.split_sizes is None else f"-sizes{recipe_hash(data.split_sizes)}"
     path = (cache_root() / "heads" / base.fingerprint /
             f"{data.suite}-{task.name}-seed{data.data_seed}-shots{data.head_shots}{sizes}.safetensors")
     device = next(base.backbone.parameters()).device
