@@ -118,6 +118,10 @@ def test_config_yaml_and_flags(tmp_path):
     cfg_file.write_text("dataset: dtd\nlambda_reg: 0.3\nlr: 0.001\nfixed_scales: [0.5, 1.5]\n")
     cfg = parse_config(TrainConfig, ["--config", str(cfg_file), "--lambda_reg", "0.2"], defaults={"peft": "full"})
     assert (cfg.dataset, cfg.lambda_reg, cfg.lr, cfg.peft, cfg.fixed_scales) == ("dtd", 0.2, 0.001, "full", [0.5, 1.5])
+    cfg_file.write_text("dataset: dtd\noff_loss_cap: 5\n")
+    assert parse_config(TrainConfig, ["--config", str(cfg_file)]).off_loss_cap == 5
+    assert parse_config(TrainConfig, ["--config", str(cfg_file), "--off_loss_cap", "None"]).off_loss_cap is None
+    assert parse_config(TrainConfig, ["--config", str(cfg_file), "--off_loss_cap", "2.5"]).off_loss_cap == 2.5
     cfg_file.write_text("datasett: dtd\n")
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--config", str(cfg_file)])

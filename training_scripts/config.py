@@ -116,8 +116,11 @@ def _arg_type(tp: Any):
     """argparse type and nargs for a dataclass field type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)]
-        return _arg_type(inner[0])
+        inner_type, nargs = _arg_type(next(a for a in args if a is not type(None)))
+        if nargs is not None or type(None) not in args:
+            return inner_type, nargs
+        # "none" on the command line undoes a YAML value (e.g. --off_loss_cap none: the unbounded term)
+        return (lambda s: None if str(s).lower() == "none" else inner_type(s)), None
     if origin is list:
         return args[0], "+"
     if origin is dict:

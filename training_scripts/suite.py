@@ -96,8 +96,10 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     out = Path(cfg.results or Path("results") / cfg.suite / cfg.model / cfg.peft / "standalone")
     out.parent.mkdir(parents=True, exist_ok=True)
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
+    cap = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
-             f"Trap² λ = {cfg.protect_lambda}{over}. s = 1 is the released update; s = 0 is the frozen base.", ""]
+             f"Trap² λ = {cfg.protect_lambda}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}{cap}{over}. "
+             "s = 1 is the released update; s = 0 is the frozen base.", ""]
     lines += _markdown_table(rows)
     if len(seeds) > 1:
         summary = [{"seed": seed, **{k: v for k, v in per_seed[seed][-1].items() if k != "task"},
