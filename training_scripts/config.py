@@ -120,7 +120,10 @@ def _arg_type(tp: Any):
         if nargs is not None or type(None) not in args:
             return inner_type, nargs
         # "none" on the command line undoes a YAML value (e.g. --off_loss_cap none: the unbounded term)
-        return (lambda s: None if str(s).lower() == "none" else inner_type(s)), None
+        def optional(text: str):
+            return None if text.lower() == "none" else inner_type(text)
+        optional.__name__ = f"{inner_type.__name__} or none"  # argparse names it in "invalid ... value"
+        return optional, None
     if origin is list:
         return args[0], "+"
     if origin is dict:
