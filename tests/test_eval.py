@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,15 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     assert data["rows"][0]["trap2@1"] == pytest.approx((meta["test_accuracy"] + 0.5) / 2)
     assert data["rows_by_seed"]["421"][-1]["trap2@1"] == 0.5
     assert "| 421 |" in (tmp_path / "results" / "standalone-lambda0.1.md").read_text()
+
+
+def test_an_experiment_under_another_runs_root_never_writes_the_shipped_table():
+    from training_scripts.suite import SuiteConfig, default_results
+
+    main_runs = SuiteConfig(suite="offline", model="offline-vit", peft="full")
+    assert default_results(main_runs) == Path("results/offline/offline-vit/full/standalone")
+    experiment = SuiteConfig(suite="offline", model="offline-vit", peft="full", runs_root="runs/r7")
+    assert default_results(experiment) == Path("runs/r7/offline/offline-vit/full/standalone")
 
 
 def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(trained_updates, tmp_path):

@@ -26,7 +26,9 @@ class SuiteConfig(TrainConfig):
     seeds: list[int] | None = None  # default: [seed]; the table averages every task over them
     protect_lambda: float = 0.02  # λ of the protected runs (the unprotected ones use 0)
     runs_root: str = "runs"
-    results: str | None = None  # default: results/<suite>/<model>/<peft>/standalone
+    # default: results/<suite>/<model>/<peft>/standalone for the main runs; for runs under another
+    # --runs_root, next to those runs, so an experiment never overwrites the shipped table
+    results: str | None = None
 
 
 def suite_seeds(cfg: SuiteConfig) -> list[int]:
@@ -89,11 +91,16 @@ def _markdown_table(rows: list[dict], first: str = "task") -> list[str]:
     return lines + ["| " + " | ".join([str(r[first])] + [f"{100 * r[c]:.1f}" for c in cols]) + " |" for r in rows]
 
 
+def default_results(cfg: SuiteConfig) -> Path:
+    root = Path("results") if Path(cfg.runs_root) == Path(SuiteConfig.runs_root) else Path(cfg.runs_root)
+    return root / cfg.suite / cfg.model / cfg.peft / "standalone"
+
+
 def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     seeds = suite_seeds(cfg)
     per_seed = {seed: _seed_rows(cfg, tasks, seed) for seed in seeds}
     rows = _with_mean([_mean_row([per_seed[seed][i] for seed in seeds], task) for i, task in enumerate(tasks)])
-    out = Path(cfg.results or Path("results") / cfg.suite / cfg.model / cfg.peft / "standalone")
+    out = Path(cfg.results or default_results(cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
     cap = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
