@@ -41,7 +41,12 @@ def run_dir(cfg: SuiteConfig, task: str, protected: bool, seed: int | None = Non
     name = f"{task}-{'trap2' if protected else 'plain'}"
     if seed is not None and seed != cfg.seed:
         name += f"-seed{seed}"
-    return Path(cfg.runs_root) / cfg.suite / cfg.model / cfg.peft / name
+    return _suite_folder(Path(cfg.runs_root), cfg) / name
+
+
+def _suite_folder(root: Path, cfg: SuiteConfig) -> Path:
+    """`<root>/<suite>/<model>/<peft>`: where the suite's runs, and its tables, live under a root."""
+    return root / cfg.suite / cfg.model / cfg.peft
 
 
 def train_suite(cfg: SuiteConfig) -> Path:
@@ -93,7 +98,7 @@ def _markdown_table(rows: list[dict], first: str = "task") -> list[str]:
 
 def default_results(cfg: SuiteConfig) -> Path:
     root = Path("results") if Path(cfg.runs_root) == Path(SuiteConfig.runs_root) else Path(cfg.runs_root)
-    return root / cfg.suite / cfg.model / cfg.peft / "standalone"
+    return _suite_folder(root, cfg) / "standalone"
 
 
 def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
