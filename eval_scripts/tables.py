@@ -31,6 +31,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _off_scales(cfg: dict) -> str:
+    """The sampler's support [s_min, 1−δ] ∪ [1+δ, s_max]; tables written before it was recorded used the defaults."""
+    low, high, band = cfg.get("rand_alpha_min", 0.05), cfg.get("rand_alpha_max", 2.0), cfg.get("band", 0.05)
+    return f"[{low:g}, {1 - band:g}] ∪ [{1 + band:g}, {high:g}]"
+
+
 def standalone_rows(root: Path) -> list[dict]:
     rows = []
     for path in sorted(root.glob("**/standalone*.json")):
@@ -38,7 +44,7 @@ def standalone_rows(root: Path) -> list[dict]:
         cfg, mean = data["config"], data["rows"][-1]
         weight = cfg.get("rand_alpha_weight", "inv") + (f", cap {cfg['off_loss_cap']:g}" if cfg.get("off_loss_cap") else "")
         rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["protect_lambda"]),
-                     "w(s)": weight, "scales/step": cfg.get("scale_samples", 1),
+                     "w(s)": weight, "scales/step": cfg.get("scale_samples", 1), "off scales": _off_scales(cfg),
                      "lr": "default" if cfg["lr"] is None else f"{cfg['lr']:g}", "steps": cfg["max_steps"], "eval every": cfg["eval_freq"],
                      "tasks": len(data["rows"]) - 1, "seeds": len(cfg.get("seeds") or [cfg["seed"]]),
                      "zero-shot": mean["zero_shot"], "fine-tuned": mean["plain@1"], "Trap²": mean["trap2@1"],
@@ -86,7 +92,7 @@ def _latex(rows: list[dict], title: str) -> list[str]:
     if not rows:
         return []
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    esc = lambda s: str(s).replace("_", r"\_").replace("²", r"$^2$").replace("%", r"\%")
+    esc = lambda s: str(s).replace("_", r"\_").replace("²", r"$^2$").replace("%", r"\%").replace("λ", r"$\lambda$").replace("∪", r"$\cup$")
     out = [f"% {title}", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
            " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
     for r in rows:

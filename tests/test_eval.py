@@ -122,14 +122,15 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     for name in ("gtsrb-plain", "gtsrb-trap2"):
         (runs / name).symlink_to(trained_updates[name])
     cfg = SuiteConfig(runs_root=str(tmp_path / "runs"), results=str(tmp_path / "results" / "standalone-lambda0.1"),
-                      protect_lambda=0.1)
+                      protect_lambda=0.1, band=0.2)
     md = write_standalone_table(cfg, ["gtsrb"])
     assert md.name == "standalone-lambda0.1.md"  # dotted names keep their full stem
     meta = json.loads((trained_updates["gtsrb-trap2"] / "trap2_update.json").read_text())
     assert f"{100 * meta['test_accuracy']:.1f}" in md.read_text().splitlines()[4]
     table = build_tables(TablesConfig(results=str(tmp_path / "results")))[0].read_text()
     assert (tmp_path / "results" / "tables-tradeoff.png").stat().st_size > 1000
-    assert "| offline-vit | lora | 0.1 | inv | 1 | default | 10000 | 2000 | 1 | 1 |" in table
+    assert "s ∈ [0.05, 0.8] ∪ [1.2, 2]" in md.read_text().splitlines()[0]  # the sampler's support is named
+    assert "| offline-vit | lora | 0.1 | inv | 1 | [0.05, 0.8] ∪ [1.2, 2] | default | 10000 | 2000 | 1 | 1 |" in table
 
     # A second seed: each task's entry becomes the mean over seeds, with a per-seed summary.
     for name in ("gtsrb-plain", "gtsrb-trap2"):

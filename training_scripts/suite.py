@@ -110,7 +110,8 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
     cap = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
-             f"Trap² λ = {cfg.protect_lambda}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}{cap}{over}. "
+             f"Trap² λ = {cfg.protect_lambda}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}, "
+             f"s ∈ [{cfg.rand_alpha_min:g}, {1 - cfg.band:g}] ∪ [{1 + cfg.band:g}, {cfg.rand_alpha_max:g}]{cap}{over}. "
              "s = 1 is the released update; s = 0 is the frozen base.", ""]
     lines += _markdown_table(rows)
     if len(seeds) > 1:
