@@ -145,7 +145,7 @@ def _tradeoff_plot(rows: list[dict], path: Path) -> None:
         all_x += xs
         all_y += ys
         ax.scatter(xs, ys, marker=marker, label=f"{backbone} {update}", zorder=3)
-        usual = {k: max((r[k] for r in mine), key=[r[k] for r in mine].count) for k in ("lr", "steps", "eval every", "tasks")}
+        usual = {k: max((r[k] for r in mine), key=[r[k] for r in mine].count) for k in ("off scales", "lr", "steps", "eval every", "tasks")}
         for r, x, y in zip(mine, xs, ys):
             label = f"λ{r['λ']} {r['w(s)']} K{r['scales/step']}"
             label += "".join(f" {k} {r[k]}" for k in usual if r[k] != usual[k])  # only what sets it apart
