@@ -19,6 +19,7 @@ from pathlib import Path
 from eval_scripts.grid import PAPER_METHODS
 from task_merger import MERGE_SPACES
 from training_scripts.config import parse_config
+from training_scripts.objective import ScaleSampler
 
 
 @dataclass
@@ -32,9 +33,9 @@ def _pct(x: float) -> str:
 
 
 def _off_scales(cfg: dict) -> str:
-    """The sampler's support [s_min, 1−δ] ∪ [1+δ, s_max]; tables written before it was recorded used the defaults."""
-    low, high, band = cfg.get("rand_alpha_min", 0.05), cfg.get("rand_alpha_max", 2.0), cfg.get("band", 0.05)
-    return f"[{low:g}, {1 - band:g}] ∪ [{1 + band:g}, {high:g}]"
+    """The sampler's support; tables written before it was recorded used the sampler's defaults."""
+    return str(ScaleSampler(cfg.get("rand_alpha_min", ScaleSampler.s_min), cfg.get("rand_alpha_max", ScaleSampler.s_max),
+                            cfg.get("band", ScaleSampler.delta)))
 
 
 def standalone_rows(root: Path) -> list[dict]:

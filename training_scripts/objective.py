@@ -42,6 +42,9 @@ class ScaleSampler:
                 f"empty scale range: need s_min <= 1-delta <= 1+delta <= s_max with some room, got "
                 f"s_min={self.s_min}, delta={self.delta}, s_max={self.s_max}")
 
+    def __str__(self) -> str:
+        return f"[{self.s_min:g}, {1 - self.delta:g}] ∪ [{1 + self.delta:g}, {self.s_max:g}]"
+
     @property
     def low_length(self) -> float:
         return (1.0 - self.delta) - self.s_min

@@ -17,6 +17,7 @@ from pathlib import Path
 from dataset.offline import PAPER_TASKS
 from models.updates import METADATA_FILE
 from training_scripts.config import TrainConfig, parse_config
+from training_scripts.objective import ScaleSampler
 from training_scripts.vision import REPORT_SCALES, train_vision
 
 
@@ -111,7 +112,7 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     cap = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
              f"Trap² λ = {cfg.protect_lambda}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}, "
-             f"s ∈ [{cfg.rand_alpha_min:g}, {1 - cfg.band:g}] ∪ [{1 + cfg.band:g}, {cfg.rand_alpha_max:g}]{cap}{over}. "
+             f"s ∈ {ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band)}{cap}{over}. "
              "s = 1 is the released update; s = 0 is the frozen base.", ""]
     lines += _markdown_table(rows)
     if len(seeds) > 1:
