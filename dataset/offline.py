@@ -608,7 +608,7 @@ def load_offline_task(name: str, seed: int = 0, sizes: dict[str, int] | None = N
             tensors[f"{split}.images"], tensors[f"{split}.labels"] = images.contiguous(), labels.contiguous()
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel runs may build one task
             save_file(tensors, str(tmp))
             tmp.replace(path)
     return OfflineTask(name, list(classes),

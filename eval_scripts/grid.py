@@ -1,13 +1,18 @@
 """Every merge method × merge space for one merge config (the paper's post-merging tables).
 
-    python -m eval_scripts.grid --config configs/merge/offline_vit_lora_gtsrb.yaml
+    python -m eval_scripts.grid --config configs/merge/offline_vit_lora_gtsrb.yaml [--jobs 2]
+
+The pre-merge pass, shared by every cell, runs first; then the cells run `jobs` at a time, one
+process each on one CPU thread (so the selected merges do not depend on the number of jobs).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
-from eval_scripts.linear_search import MergeConfig, run_merge_eval
+from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
+from models.runtime import default_jobs, run_jobs
 from task_merger import MERGE_SPACES, get_merge_method
 from training_scripts.config import parse_config
 
@@ -19,21 +24,43 @@ class GridConfig(MergeConfig):
     methods: list[str] | None = None  # default: the paper's five
     spaces: list[str] | None = None  # default: full, knots, core
     results_root: str | None = None  # default: as MergeConfig (results/<suite>/<model>/<kind>/<target>)
+    jobs: int | None = None  # cells evaluated at once (default: the CPU's core count, 1 on a GPU)
 
 
-def main(argv=None) -> None:
-    cfg = parse_config(GridConfig, argv, __doc__)
+def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
     methods, spaces = cfg.methods or PAPER_METHODS, cfg.spaces or list(MERGE_SPACES)
     for m in methods:
         get_merge_method(m)
     merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in merge_fields}
+    cells = []
     for space in spaces:
         for method in methods:
-            values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in merge_fields}
-            values.update(merge_method=method, merge_space=space)
+            values = {**shared, "merge_method": method, "merge_space": space}
             if cfg.results_root:
                 values["output_dir"] = f"{cfg.results_root}/{method}-{space}"
-            print(f"{method} / {space}: {run_merge_eval(MergeConfig(**values))}", flush=True)
+            cells.append(MergeConfig(**values))
+    return cells
+
+
+def run_cells(cells: list[MergeConfig], jobs: int) -> None:
+    """Evaluates the cells; the pre-merge pass of each distinct folder is made once, before the workers."""
+    seen = set()
+    for cell in cells:
+        folder = str(Path(cell.output_dir).parent) if cell.output_dir else None
+        key = (cell.target, tuple(cell.protected or ()), tuple(cell.control or ()), tuple(cell.others or ()), folder)
+        if key not in seen:
+            seen.add(key)
+            pre_merge(setup_merge(cell), cell)
+    if jobs > 1:
+        cells = [dataclasses.replace(cell, progress=False) for cell in cells]
+    run_jobs(run_merge_eval, cells, jobs, f"evaluating {len(cells)} merges",
+             lambda cell: f"{cell.target} {cell.merge_method}/{cell.merge_space}")
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(GridConfig, argv, __doc__)
+    run_cells(grid_cells(cfg), cfg.jobs or default_jobs(cfg.device))
 
 
 if __name__ == "__main__":

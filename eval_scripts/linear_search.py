@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from models.classifier import ZeroShotClassifier
+from models.runtime import pin_threads, provenance
 from models.updates import ReleasedUpdate, UpdateError, load_update
 from models.vision import Base, DataSettings, evaluate, load_base, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
@@ -216,7 +217,21 @@ def _load_all(paths: list[str] | None) -> list[ReleasedUpdate]:
     return [load_update(p) for p in (paths or [])]
 
 
-def run_merge_eval(cfg: MergeConfig) -> Path:
+@dataclass
+class MergeSetup:
+    """What every cell of a merge config shares: its updates, output folder and evaluator."""
+
+    scenarios: dict[str, list[ReleasedUpdate]]
+    others: list[ReleasedUpdate]
+    out: Path
+    evaluator: object
+
+    @property
+    def all_updates(self) -> list[ReleasedUpdate]:
+        return [u for ups in self.scenarios.values() for u in ups] + self.others
+
+
+def setup_merge(cfg: MergeConfig) -> MergeSetup:
     get_merge_method(cfg.merge_method)  # fail early on a typo
     if not cfg.target:
         raise ValueError("--target (the protected task's name) is required")
@@ -238,6 +253,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
                first.kind / cfg.target / f"{cfg.merge_method}-{cfg.merge_space}{'-iso' if cfg.isotropize else ''}")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    pin_threads(device)
     all_updates = [u for ups in scenarios.values() for u in ups] + others
     if first.metadata.get("suite") == "math":  # generation accuracy of a merged causal LM
         from eval_scripts.math_eval import MathMergeEvaluator
@@ -246,11 +262,16 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
     else:
         evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
                                    cfg.num_workers)
-    log = PointLog(out / "points.jsonl")
-    # The pre-merge pass does not depend on the merge method or space: one log per target folder.
-    pre_log = PointLog(out.parent / "pre_merge.jsonl")
+    return MergeSetup(scenarios, others, out, evaluator)
 
-    # pre-merge pass: zero-shot, and each update alone on every task (standalone accuracy = diagonal)
+
+def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
+    """Zero-shot, and each update alone on every task (standalone accuracy = the diagonal), per split.
+
+    It does not depend on the merge method or space: one log per target folder, shared by the cells.
+    """
+    pre_log = PointLog(setup.out.parent / "pre_merge.jsonl")
+    evaluator, all_updates = setup.evaluator, setup.all_updates
     pre = {"zero_shot": {}, "alone": {}}
     for split in ("val", "test"):
         key = _key(phase="pre-merge", split=split, updates=[(str(u.path), u.content_hash) for u in all_updates],
@@ -264,19 +285,26 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
             pre_log.write({"key": key, "phase": "pre-merge", "split": split, **rec})
         pre["zero_shot"][split] = pre_log.done[key]["zero_shot"]
         pre["alone"][split] = pre_log.done[key]["alone"]
+    return pre
 
-    summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {}}
-    for name, ups in scenarios.items():
+
+def run_merge_eval(cfg: MergeConfig) -> Path:
+    setup = setup_merge(cfg)
+    pre = pre_merge(setup, cfg)
+    log = PointLog(setup.out / "points.jsonl")
+    summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {},
+               "provenance": provenance(setup.all_updates[0].metadata.get("base_fingerprint"))}
+    for name, ups in setup.scenarios.items():
         if not ups:
             continue
-        merged_updates = ups + others
+        merged_updates = ups + setup.others
         finetuned = {u.task: {s: pre["alone"][s][str(u.path)][u.task] for s in ("val", "test")} for u in merged_updates}
-        res = search(evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
+        res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
         res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
         res["updates"] = [str(u.path) for u in merged_updates]
         summary["scenarios"][name] = res
-    _write_outputs(out, cfg, summary, log)
-    return out
+    _write_outputs(setup.out, cfg, summary, log)
+    return setup.out
 
 
 def _write_outputs(out: Path, cfg: MergeConfig, summary: dict, log: PointLog) -> None:

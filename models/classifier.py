@@ -6,6 +6,7 @@ class ("prototypes"), computed once per (base, task) and cached, so every run on
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def prototype_head(backbone: Backbone, images: torch.Tensor, labels: torch.Tenso
 def write_head(path: Path, head: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
     """Writes a head as safetensors atomically (a crash never leaves a half-written cache entry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel runs may build the same head
     save_file({"head": head.contiguous()}, str(tmp), metadata=metadata)
     tmp.replace(path)
 

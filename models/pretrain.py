@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dataset.offline import GENERATOR_VERSION, cache_root, load_offline_task
+from models.runtime import DETERMINISTIC_THREADS, pin_threads
 
 RECIPES: dict[str, dict] = {
     "offline-vit": dict(arch="hf-clip-vision", image_size=32, patch_size=8, hidden_size=128, intermediate_size=512,
@@ -72,7 +73,8 @@ def recipe_for(name: str, **overrides) -> dict:
     unknown = set(overrides) - set(RECIPES[name])
     if unknown:
         raise KeyError(f"unknown recipe fields {sorted(unknown)} for {name}")
-    return {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}, "data": GENERATOR_VERSION}
+    return {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}, "data": GENERATOR_VERSION,
+            "threads": DETERMINISTIC_THREADS}  # a base made under another thread count has other bits
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -84,7 +86,11 @@ def _features(net: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def pretrain(recipe: dict, progress: bool = True) -> nn.Module:
-    """Supervised pretraining on the pretext classes (shapes and gratings, none of the suite's tasks)."""
+    """Supervised pretraining on the pretext classes (shapes and gratings, none of the suite's tasks).
+
+    On one intra-op thread, so the same recipe gives the same bits on any machine of the same CPU
+    instruction set, whatever its core count."""
+    pin_threads()
     net = build_architecture(recipe)
     data = load_offline_task("pretext", seed=recipe["seed"], sizes={"train": recipe["pretext_train"], "val": 500,
                                                                     "test": 10})

@@ -175,3 +175,30 @@ def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(traine
     save_file({k: v * 1.5 if "lora_B" in k else v for k, v in tensors.items()}, str(weights))  # "retrained"
     run_merge_eval(cfg)
     assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 2 * n_points
+
+
+def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path):
+    from conftest import TINY_BASE, TINY_SPLITS
+    from eval_scripts.reproduce import ReproduceConfig, merge_root, reproduce
+
+    cfg = ReproduceConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, protect_lambda=0.1,
+                          base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS), max_steps=6, eval_freq=3,
+                          warmup_steps=2, batch_size=16, lr=3e-3, head_shots=4, progress=False, val_limit=32,
+                          merge_methods=["tv"], merge_spaces=["full"], size_methods=["tv"], size_spaces=["core"])
+    out = reproduce(cfg)
+    report = json.loads(out.read_text())
+    assert [c["claim"].split(",")[0] for c in report["claims"]] == [
+        "standalone cost (fine-tuned − Trap²", "all-task merge", "two-task merge with-mnist"]
+    assert report["holds"] == sum(c["holds"] for c in report["claims"]) and report["of"] == 3
+    summary = json.loads((merge_root(cfg, 420, "all-tasks") / "tv-full" / "summary.json").read_text())
+    all_tasks = report["claims"][1]
+    assert all_tasks["protected"]["mean"] == pytest.approx(100 * summary["scenarios"]["protected"]["test"]["gtsrb"])
+    assert all_tasks["holds"] == (all_tasks["protected"]["mean"] <= all_tasks["zero_shot"]["mean"] + 1.0
+                                  and all_tasks["protected"]["mean"] < all_tasks["control"]["mean"]
+                                  and all_tasks["protected_task_mean"]["mean"]
+                                  <= all_tasks["zero_shot_task_mean"]["mean"] + 0.5)
+    folder = out.parent
+    assert "Post-merging" in (folder / "tables.md").read_text()
+    for figure in ("merge-cells.png", "merge-size.png", "tables-tradeoff.png"):
+        assert (folder / figure).stat().st_size > 1000
+    assert (merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json").exists()

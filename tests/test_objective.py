@@ -129,6 +129,36 @@ def test_both_passes_share_dropout_masks():
     assert len(masks) == 2 and torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.parametrize("scales", [[0.5], [0.3, 1.7]])
+def test_replayed_dropout_masks_give_the_same_bits_as_redrawn_ones(scales):
+    """Reusing the nominal pass's masks (drawn once) must change nothing: the same gradient bits,
+    and the global RNG stream continues where redrawing would have left it."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.GELU(), nn.Linear(32, 32), nn.Dropout(0.1),
+                              nn.Linear(32, 2))
+        return model, ScaledUpdate.full(model)
+
+    def loss(forward, batch):
+        return forward(batch).pow(2).sum(-1)
+
+    batch = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    grads, next_draws = [], []
+    for replay in (False, True):
+        model, update = make()
+        objective = Trap2Objective(0.4, fixed_scales=scales)
+        if replay:
+            objective.replay_dropout(model)
+            assert len(objective.dropout_replay.modules) == 2
+        torch.manual_seed(5)
+        for _ in range(2):  # the second step must draw fresh masks in both
+            objective.backward(model, update, loss, batch)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        next_draws.append(torch.rand(4))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert torch.equal(*next_draws)
+
+
 def test_scale_one_reproduces_plain_forward_and_lora_scaling_is_exact():
     from peft import LoraConfig, get_peft_model
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dataset.offline import PAPER_TASKS
 from models.updates import METADATA_FILE
+from models.runtime import default_jobs, provenance, run_jobs
+from models.vision import load_base
 from training_scripts.config import TrainConfig, parse_config
 from training_scripts.objective import ScaleSampler
 from training_scripts.vision import REPORT_SCALES, train_vision
@@ -27,6 +29,9 @@ class SuiteConfig(TrainConfig):
     seeds: list[int] | None = None  # default: [seed]; the table averages every task over them
     protect_lambda: float = 0.02  # λ of the protected runs (the unprotected ones use 0)
     runs_root: str = "runs"
+    # runs trained at once, one process each (every run computes on one CPU thread, so its bits do not
+    # depend on this); default: the CPU's core count on the CPU, 1 on a GPU
+    jobs: int | None = None
     # default: results/<suite>/<model>/<peft>/standalone for the main runs; for runs under another
     # --runs_root, next to those runs, so an experiment never overwrites the shipped table
     results: str | None = None
@@ -50,16 +55,50 @@ def _suite_folder(root: Path, cfg: SuiteConfig) -> Path:
     return root / cfg.suite / cfg.model / cfg.peft
 
 
-def train_suite(cfg: SuiteConfig) -> Path:
-    tasks = cfg.tasks or list(PAPER_TASKS)
+def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
+    """Every run of the suite, the protected (longer: 1 + K passes a step) ones first, so parallel
+    workers finish together."""
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
-    for seed in suite_seeds(cfg):
-        for task in tasks:
-            for protected in (False, True):
-                train_vision(TrainConfig(**{**shared, "dataset": task, "seed": seed,
-                                            "lambda_reg": cfg.protect_lambda if protected else 0.0,
-                                            "output_dir": str(run_dir(cfg, task, protected, seed))}))
+    return [TrainConfig(**{**shared, "dataset": task, "seed": seed,
+                           "lambda_reg": cfg.protect_lambda if protected else 0.0,
+                           "output_dir": str(run_dir(cfg, task, protected, seed))})
+            for protected in (True, False) for seed in suite_seeds(cfg) for task in tasks]
+
+
+def prepare_bases(cfg: SuiteConfig, runs: list[TrainConfig]) -> None:
+    """Builds the base once, here (not by several workers at once), and says in one line where it, or a
+    finished run, differs from the base the shipped table was made with: the numbers will then differ."""
+    base = load_base(cfg.model, cfg.base_options)
+    shipped = Path(f"{default_results(cfg)}.json")
+    if shipped.exists():
+        recorded = json.loads(shipped.read_text()).get("provenance", {}).get("base_fingerprint")
+        if recorded and recorded != base.fingerprint:
+            print(f"note: base {cfg.model} here is {base.fingerprint}, {shipped} was made with {recorded}: "
+                  f"expect other numbers than the shipped table")
+    for run in runs:
+        meta = Path(run.output_dir) / METADATA_FILE
+        if meta.exists() and json.loads(meta.read_text()).get("base_fingerprint") != base.fingerprint:
+            print(f"note: {meta.parent} was trained on another base than {base.fingerprint}; retrain it with "
+                  f"--overwrite true (or remove the folder) before merging")
+
+
+def train_runs(runs: list[TrainConfig], jobs: int) -> None:
+    """Trains the runs, `jobs` at a time in worker processes (in this process when jobs = 1).
+
+    A finished run is skipped and an interrupted one resumes, so after a crash the same command
+    continues; the first failure stops the rest and names its run.
+    """
+    if jobs > 1:
+        runs = [dataclasses.replace(run, progress=False) for run in runs]  # one bar for all
+    run_jobs(train_vision, runs, jobs, f"training {len(runs)} runs", lambda run: Path(run.output_dir).name)
+
+
+def train_suite(cfg: SuiteConfig) -> Path:
+    tasks = cfg.tasks or list(PAPER_TASKS)
+    runs = suite_runs(cfg, tasks)
+    prepare_bases(cfg, runs)
+    train_runs(runs, cfg.jobs or default_jobs(cfg.device))
     return write_standalone_table(cfg, tasks)
 
 
@@ -98,12 +137,36 @@ def _markdown_table(rows: list[dict], first: str = "task") -> list[str]:
 
 
 def default_results(cfg: SuiteConfig) -> Path:
+    """results/<suite>/<model>/<peft>/standalone (one seed) or standalone-seeds<N>-<M>... (several); for
+    runs under another --runs_root, next to those runs, so an experiment never overwrites a shipped table."""
     root = Path("results") if Path(cfg.runs_root) == Path(SuiteConfig.runs_root) else Path(cfg.runs_root)
-    return _suite_folder(root, cfg) / "standalone"
+    seeds = suite_seeds(cfg)
+    name = "standalone" if len(seeds) == 1 else "standalone-seeds" + "-".join(map(str, seeds))
+    return _suite_folder(root, cfg) / name
+
+
+def _runs_provenance(cfg: SuiteConfig, tasks: list[str]) -> tuple[str, list]:
+    """The one base every run of the table was trained on (runs of several bases are refused), and the
+    CPU thread counts they computed with."""
+    bases: dict[str, list[str]] = {}
+    threads = set()
+    for seed in suite_seeds(cfg):
+        for task in tasks:
+            for protected in (False, True):
+                folder = run_dir(cfg, task, protected, seed)
+                meta = _finished_run(folder)
+                bases.setdefault(meta.get("base_fingerprint"), []).append(folder.name)
+                threads.add(meta.get("provenance", {}).get("threads"))
+    if len(bases) > 1:
+        raise ValueError(f"the runs of this table were trained on different bases "
+                         f"({ {fp: runs[:3] for fp, runs in bases.items()} }); retrain the stale ones with "
+                         f"--overwrite true, so that one row never mixes bases")
+    return next(iter(bases)), sorted(threads, key=str)
 
 
 def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     seeds = suite_seeds(cfg)
+    base_fingerprint, threads = _runs_provenance(cfg, tasks)
     per_seed = {seed: _seed_rows(cfg, tasks, seed) for seed in seeds}
     rows = _with_mean([_mean_row([per_seed[seed][i] for seed in seeds], task) for i, task in enumerate(tasks)])
     out = Path(cfg.results or default_results(cfg))
@@ -113,7 +176,8 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
              f"Trap² λ = {cfg.protect_lambda}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}, "
              f"s ∈ {ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band)}{cap}{over}. "
-             "s = 1 is the released update; s = 0 is the frozen base.", ""]
+             f"s = 1 is the released update; s = 0 is the frozen base. Base {base_fingerprint}, "
+             f"CPU threads per run: {', '.join(map(str, threads))}.", ""]
     lines += _markdown_table(rows)
     if len(seeds) > 1:
         summary = [{"seed": seed, **{k: v for k, v in per_seed[seed][-1].items() if k != "task"},
@@ -121,7 +185,9 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
         lines += ["", "Task means of each seed (cost = plain@1 − trap2@1):", ""] + _markdown_table(summary, "seed")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     Path(f"{out}.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows,
-                                               "rows_by_seed": {str(k): v for k, v in per_seed.items()}}, indent=2))
+                                               "rows_by_seed": {str(k): v for k, v in per_seed.items()},
+                                               "provenance": {**provenance(base_fingerprint), "threads": threads}},
+                                              indent=2))
     print("\n".join(lines))
     return Path(f"{out}.md")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.vision import prefetched
+from models.runtime import pin_threads, provenance
 from models.updates import METADATA_FILE, ScaledUpdate, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_base, load_task
 from training_scripts.config import TrainConfig, config_dict
@@ -89,6 +90,7 @@ def train_vision(cfg: TrainConfig) -> Path:
     if open_run_dir(cfg, out_dir):
         return out_dir
     device = resolve_device(cfg.device)
+    pin_threads(device)
     seed_everything(cfg.seed)
     base = load_base(cfg.model, cfg.base_options, device)
     data = DataSettings.from_config(config_dict(cfg))
@@ -101,6 +103,8 @@ def train_vision(cfg: TrainConfig) -> Path:
         update.anchors = {n: a.to(device) for n, a in update.anchors.items()}
 
     objective = build_objective(cfg)
+    if not cfg.gradient_checkpointing:
+        objective.replay_dropout(model)
     batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
 
     # Per-example losses only where the cap needs them: the fused mean rounds differently from
@@ -117,9 +121,6 @@ def train_vision(cfg: TrainConfig) -> Path:
 
     val = evaluate(model, task, "val", cfg.eval_batch_size, device)
     test_by_scale = scale_report(model, update, task, "test", cfg, device)
-    import peft
-    import transformers
-
     metadata = {
         "task": cfg.dataset, "suite": cfg.suite, "base_model": cfg.model, "base_options": base.options,
         "base_fingerprint": base.fingerprint, "n_classes": len(task.classes), "protected": cfg.protected,
@@ -128,7 +129,7 @@ def train_vision(cfg: TrainConfig) -> Path:
         "zero_shot_test_accuracy": test_by_scale["0"]["accuracy"],
         "test_by_scale": test_by_scale, "best_step": result.best_step, "steps_run": result.steps_run,
         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
-        "versions": {"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__},
+        "provenance": provenance(base.fingerprint),
     }
     save_update(out_dir, model.backbone.net, update, metadata, prefix="backbone.net.")
     close_run_dir(out_dir)

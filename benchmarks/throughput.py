@@ -1,0 +1,206 @@
+"""Training and merge-evaluation throughput of the offline suite, against this machine's own matmul peak.
+
+    python -m benchmarks.throughput [--steps 30] [--jobs N]
+
+Each workload is built as its offline config builds it (configs/offline/*.yaml: backbone, LoRA or
+full update, Trap² settings), with random weights of the same architecture. For each it prints
+images/s and model FLOP/s (matrix products, convolutions and attention of one step, counted by
+torch's FlopCounterMode) of one process on one thread, as every run computes, and of `jobs` such
+processes at once, as the suite trains. The peak is the best dense fp32 matmul rate of all cores,
+measured in the same run. The last line, `training utilisation: X`, is the ViT LoRA Trap² rate of
+`jobs` processes divided by that peak.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = {  # name: (config, protected)
+    "vit-lora-plain": ("configs/offline/vit_lora.yaml", False),
+    "vit-lora-trap2": ("configs/offline/vit_lora.yaml", True),
+    "vit-full-plain": ("configs/offline/vit_full.yaml", False),
+    "vit-full-trap2": ("configs/offline/vit_full.yaml", True),
+    "convnext-lora-plain": ("configs/offline/convnext_lora.yaml", False),
+    "convnext-lora-trap2": ("configs/offline/convnext_lora.yaml", True),
+}
+UTILISATION_WORKLOAD = "vit-lora-trap2"
+N_CLASSES = 10
+
+
+def matmul_peak(threads: int, sizes=(512, 1024, 2048), seconds: float = 1.0) -> float:
+    """Best fp32 GEMM FLOP/s over a few square sizes, on `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / len(sizes):
+            a @ b
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    torch.set_num_threads(previous)
+    return best
+
+
+def build_workload(name: str):
+    """(model, update, objective, batch) as the suite's trainer builds them, on random base weights."""
+    from models.backbones import Backbone, get_backbone_spec
+    from models.classifier import ZeroShotClassifier
+    from models.pretrain import build_architecture, recipe_for
+    from training_scripts.config import TrainConfig, parse_config
+    from training_scripts.runs import build_objective
+    from training_scripts.suite import SuiteConfig
+    from training_scripts.vision import attach_update
+
+    config, protected = WORKLOADS[name]
+    suite = parse_config(SuiteConfig, ["--config", str(ROOT / config)])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{**{k: v for k, v in dataclasses.asdict(suite).items() if k in fields},
+                         "dataset": "gtsrb", "lambda_reg": suite.protect_lambda if protected else 0.0})
+    torch.manual_seed(0)
+    net = build_architecture(recipe_for(cfg.model))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    backbone = Backbone(get_backbone_spec(cfg.model), net)
+    with torch.no_grad():
+        dim = backbone(torch.zeros(1, 3, 32, 32)).shape[-1]
+    model = ZeroShotClassifier(backbone, torch.randn(N_CLASSES, dim))
+    update = attach_update(model, cfg)
+    objective = build_objective(cfg)
+    objective.replay_dropout(model)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), generator=g, dtype=torch.uint8)
+    batch = ((images.float() / 255 - 0.5) / 0.5, torch.randint(0, N_CLASSES, (cfg.batch_size,), generator=g))
+    return model, update, objective, batch, cfg
+
+
+def _loss(forward, batch):
+    x, y = batch
+    return F.cross_entropy(forward(x), y, reduction="none")
+
+
+def _training_step(model, update, objective, batch, optimizer, params):
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward(model, update, _loss, batch)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def step_flops(name: str) -> int:
+    """Model FLOPs of one training step (every pass of the objective, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, update, objective, batch, _ = build_workload(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    with FlopCounterMode(display=False) as counter:
+        _training_step(model, update, objective, batch, optimizer, params)
+    return counter.get_total_flops()
+
+
+def eval_flops(name: str, batch_size: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_workload(name)[0].eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(batch_size, 3, 32, 32))
+    return counter.get_total_flops()
+
+
+def _time_workload(name: str, steps: int, mode: str, start_barrier=None) -> float:
+    """Seconds per training step (mode `train`) or per evaluation batch (mode `eval`), one thread."""
+    from models.runtime import pin_threads
+
+    pin_threads()
+    model, update, objective, batch, cfg = build_workload(name)
+    if mode == "train":
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        work = lambda: _training_step(model, update, objective, batch, optimizer, params)  # noqa: E731
+    else:
+        model.eval()
+        x = batch[0].repeat(cfg.eval_batch_size // len(batch[0]) + 1, 1, 1, 1)[:cfg.eval_batch_size]
+
+        @torch.no_grad()
+        def work():
+            model(x).argmax(-1)
+    for _ in range(3):
+        work()
+    if start_barrier is not None:
+        start_barrier.wait()
+    start = time.perf_counter()
+    for _ in range(steps):
+        work()
+    return (time.perf_counter() - start) / steps
+
+
+def _worker(name, steps, mode, barrier, results):
+    results.put(_time_workload(name, steps, mode, barrier))
+
+
+def concurrent_seconds(name: str, steps: int, mode: str, jobs: int) -> list[float]:
+    """Per-step seconds of each of `jobs` processes running the workload at the same time."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(jobs), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(name, steps, mode, barrier, results)) for _ in range(jobs)]
+    for p in procs:
+        p.start()
+    out = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per workload and process")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes at once, as the suite trains (default: the core count)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.jobs < 1:
+        parser.error("--steps and --jobs must be >= 1")
+    workloads = list(dict.fromkeys(args.workloads + [UTILISATION_WORKLOAD]))
+    cores = os.cpu_count() or 1
+    peak = matmul_peak(cores)
+    print(f"dense fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {cores} cores "
+          f"({matmul_peak(1) / 1e9:.1f} on one); {args.jobs} processes of one thread each")
+    print(f"{'workload':<22} {'GFLOP/step':>10} {'1 proc img/s':>13} {'GFLOP/s':>8} "
+          f"{f'{args.jobs} procs img/s':>15} {'GFLOP/s':>8} {'of peak':>8}")
+    utilisation = None
+    for name in workloads:
+        flops = step_flops(name)
+        batch = build_workload(name)[4].batch_size
+        single = _time_workload(name, args.steps, "train")
+        together = concurrent_seconds(name, args.steps, "train", args.jobs)
+        rate = sum(flops / t for t in together)
+        print(f"{name:<22} {flops / 1e9:>10.2f} {batch / single:>13.0f} {flops / single / 1e9:>8.1f} "
+              f"{sum(batch / t for t in together):>15.0f} {rate / 1e9:>8.1f} {rate / peak:>8.2f}", flush=True)
+        if name == UTILISATION_WORKLOAD:
+            utilisation = rate / peak
+    for name in ("vit-lora-plain", "convnext-lora-plain"):
+        if name not in workloads:
+            continue
+        batch = build_workload(name)[4].eval_batch_size
+        flops = eval_flops(name, batch)
+        single = _time_workload(name, max(1, args.steps // 5), "eval")
+        together = concurrent_seconds(name, max(1, args.steps // 5), "eval", args.jobs)
+        rate = sum(flops / t for t in together)
+        print(f"{name.replace('-plain', '') + ' merge eval':<22} {flops / 1e9:>10.2f} {batch / single:>13.0f} "
+              f"{flops / single / 1e9:>8.1f} {sum(batch / t for t in together):>15.0f} {rate / 1e9:>8.1f} "
+              f"{rate / peak:>8.2f}", flush=True)
+    print(f"training utilisation: {utilisation:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The offline reproduction from one command: updates, the standalone table, the post-merge grid,
+the merge-size study, the tables and figures, and a verdict on each claim.
+
+    python -m eval_scripts.reproduce --config configs/offline/vit_lora.yaml [--seeds 420 421 422]
+
+Stages, each resumable (finished runs and evaluated merge points are reused on a rerun):
+1. the suite: every task unprotected and Trap²-protected; results/<suite>/<model>/<peft>/standalone;
+2. the paper's post-merge grid: the target protected + the other tasks unprotected, against the
+   all-unprotected control, 5 methods × 3 spaces, with the adaptive attacker; merge/seed<N>/all-tasks/;
+3. the merge-size study: the target with each other task alone, and with the first three others
+   (Task Arithmetic and TIES, full and Core space); merge/seed<N>/with-<task>/ and 4-tasks/;
+4. tables.md/.tex, figures (post-merge cells; accuracy against merge size) and claims.json (each
+   claim, its numbers, true or false) next to the standalone table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dataset.offline import PAPER_TASKS
+from eval_scripts.grid import GridConfig, grid_cells, run_cells
+from eval_scripts.tables import TablesConfig, build_tables
+from models.runtime import default_jobs, provenance
+from training_scripts.config import parse_config
+from training_scripts.suite import SuiteConfig, default_results, run_dir, suite_seeds, train_suite
+
+# The claims, as issue 14 states them (points of accuracy, test split).
+MAX_COST = 1.5  # standalone: fine-tuned − Trap², mean over tasks
+MAX_TARGET_ABOVE_ZERO_SHOT = 1.0  # all-task merge: protected target at most this far above zero-shot
+MAX_MEAN_ABOVE_ZERO_SHOT = 0.5  # all-task merge: the protected scenario's task mean
+MAX_PAIR_TARGET_ABOVE_ZERO_SHOT = 2.0  # two-task merges
+MIN_CONTROL_GAIN_KEPT = 0.3  # two-task merges: the control keeps this share of its gain over zero-shot
+
+
+@dataclass
+class ReproduceConfig(SuiteConfig):
+    target: str = "gtsrb"  # the protected task of the merge scenarios
+    val_limit: int | None = 250  # the coefficient search reads the first N validation images per task
+    adaptive: bool = True  # also search a separate coefficient for the target (all-task grid)
+    merge_methods: list[str] | None = None  # all-task grid; default: the paper's five
+    merge_spaces: list[str] | None = None  # all-task grid; default: full, knots, core
+    size_methods: list[str] | None = None  # merge-size study; default: tv, ties
+    size_spaces: list[str] | None = None  # merge-size study; default: full, core
+    merge_sizes: bool = True  # run the merge-size study
+
+
+def results_folder(cfg: ReproduceConfig) -> Path:
+    return Path(cfg.results or default_results(cfg)).parent
+
+
+def merge_root(cfg: ReproduceConfig, seed: int, group: str) -> Path:
+    return results_folder(cfg) / "merge" / f"seed{seed}" / group
+
+
+def merge_cells(cfg: ReproduceConfig, tasks: list[str]) -> list:
+    if cfg.target not in tasks:
+        raise ValueError(f"--target {cfg.target} is not one of the suite's tasks {tasks}")
+    others = [t for t in tasks if t != cfg.target]
+    cells = []
+    for seed in suite_seeds(cfg):
+        scenario = dict(target=cfg.target, protected=[str(run_dir(cfg, cfg.target, True, seed))],
+                        control=[str(run_dir(cfg, cfg.target, False, seed))], val_limit=cfg.val_limit,
+                        device=cfg.device)
+        cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in others],
+                                       adaptive=cfg.adaptive, methods=cfg.merge_methods, spaces=cfg.merge_spaces,
+                                       results_root=str(merge_root(cfg, seed, "all-tasks"))))
+        if cfg.merge_sizes:
+            groups = {f"with-{other}": [other] for other in others}
+            if len(others) > 3:
+                groups["4-tasks"] = others[:3]
+            for group, members in groups.items():
+                cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in members],
+                                               methods=cfg.size_methods or ["tv", "ties"],
+                                               spaces=cfg.size_spaces or ["full", "core"],
+                                               results_root=str(merge_root(cfg, seed, group))))
+    return cells
+
+
+def merge_size(group: str, n_tasks: int) -> int:
+    return n_tasks if group == "all-tasks" else 4 if group == "4-tasks" else 2
+
+
+def _summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def _claim(text: str, holds: bool, **numbers) -> dict:
+    return {"claim": text, "holds": bool(holds), **numbers}
+
+
+def evaluate_claims(cfg: ReproduceConfig, tasks: list[str]) -> list[dict]:
+    """Each claim with its numbers (in %, mean ± std over the seeds) and whether it holds."""
+    seeds = suite_seeds(cfg)
+    standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
+    costs = [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
+    claims = [_claim(f"standalone cost (fine-tuned − Trap², mean over {len(tasks)} tasks) ≤ {MAX_COST} points",
+                     statistics.fmean(costs) <= MAX_COST, cost=_mean_std(costs))]
+
+    def pct(scenario: dict, task: str) -> float:
+        return 100 * scenario["test"][task]
+
+    for cell in merge_cells(dataclasses.replace(cfg, seeds=seeds[:1]), tasks):  # one entry per group × cell
+        group, name = Path(cell.output_dir).parent.name, f"{cell.merge_method}/{cell.merge_space}"
+        per_seed = [_summary(merge_root(cfg, seed, group) / Path(cell.output_dir).name) for seed in seeds]
+        zero = [100 * s["pre_merge"]["zero_shot"]["test"][cfg.target] for s in per_seed]
+        protected = [pct(s["scenarios"]["protected"], cfg.target) for s in per_seed]
+        control = [pct(s["scenarios"]["control"], cfg.target) for s in per_seed]
+        numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
+        z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
+        if group == "4-tasks":
+            continue  # reported in the merge-size figure; the issue sets no bar for it
+        if group == "all-tasks":
+            means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values()) for s in per_seed]
+            zero_means = [statistics.fmean(100 * a for a in s["pre_merge"]["zero_shot"]["test"].values())
+                          for s in per_seed]
+            numbers.update(protected_task_mean=_mean_std(means), zero_shot_task_mean=_mean_std(zero_means))
+            if "adaptive" in per_seed[0]["scenarios"]["protected"]:
+                numbers["protected_adaptive"] = _mean_std(
+                    [100 * s["scenarios"]["protected"]["adaptive"]["test"][cfg.target] for s in per_seed])
+            claims.append(_claim(
+                f"all-task merge, {name}: protected {cfg.target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below "
+                f"the control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
+                p <= z + MAX_TARGET_ABOVE_ZERO_SHOT and p < c
+                and statistics.fmean(means) <= statistics.fmean(zero_means) + MAX_MEAN_ABOVE_ZERO_SHOT, **numbers))
+        else:
+            finetuned = statistics.fmean(100 * s["scenarios"]["control"]["finetuned_test"][cfg.target]
+                                         for s in per_seed)
+            kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
+            numbers.update(control_gain_kept=kept)
+            claims.append(_claim(
+                f"two-task merge {group}, {name}: protected {cfg.target} ≤ zero-shot + "
+                f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
+                p <= z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT and kept >= MIN_CONTROL_GAIN_KEPT, **numbers))
+    return claims
+
+
+def _cell_results(cfg: ReproduceConfig, tasks: list[str]) -> list[dict]:
+    """Per group and cell: the target's test accuracy (protected, control, zero-shot) over the seeds."""
+    seeds = suite_seeds(cfg)
+    out = []
+    for cell in merge_cells(dataclasses.replace(cfg, seeds=seeds[:1]), tasks):
+        group = Path(cell.output_dir).parent.name
+        runs = [_summary(merge_root(cfg, seed, group) / Path(cell.output_dir).name) for seed in seeds]
+        values = {"zero-shot": [s["pre_merge"]["zero_shot"]["test"][cfg.target] for s in runs],
+                  "protected": [s["scenarios"]["protected"]["test"][cfg.target] for s in runs],
+                  "control": [s["scenarios"]["control"]["test"][cfg.target] for s in runs]}
+        out.append({"group": group, "cell": f"{cell.merge_method}/{cell.merge_space}",
+                    "size": merge_size(group, len(tasks)),
+                    **{k: (100 * statistics.fmean(v), 100 * statistics.pstdev(v)) for k, v in values.items()}})
+    return out
+
+
+def plot_merges(cfg: ReproduceConfig, tasks: list[str], folder: Path) -> None:
+    """merge-cells.png: the target after each all-task merge; merge-size.png: against the merge size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cell_results(cfg, tasks)
+    colours = {"protected": "tab:red", "control": "tab:blue", "zero-shot": "0.4"}
+    grid = [c for c in cells if c["group"] == "all-tasks"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(grid) + 2), 3.8))
+    for i, kind in enumerate(("protected", "control")):
+        ax.bar([j + (i - 0.5) * 0.38 for j in range(len(grid))], [c[kind][0] for c in grid], 0.38,
+               yerr=[c[kind][1] for c in grid], color=colours[kind], label=kind)
+    ax.plot(range(len(grid)), [c["zero-shot"][0] for c in grid], "_", ms=18, mew=2, color=colours["zero-shot"],
+            label="zero-shot")
+    ax.set_xticks(range(len(grid)), [c["cell"] for c in grid], rotation=60, ha="right")
+    ax.set(ylabel=f"{cfg.target} test accuracy (%)",
+           title=f"{cfg.target} after merging all {len(tasks)} tasks (seeds {', '.join(map(str, suite_seeds(cfg)))})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "merge-cells.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for kind in ("protected", "control", "zero-shot"):
+        sizes = sorted({c["size"] for c in cells})
+        means = [statistics.fmean(c[kind][0] for c in cells if c["size"] == n) for n in sizes]
+        ax.plot(sizes, means, "o-", color=colours[kind], label=kind)
+    ax.set(xlabel="tasks merged", ylabel=f"{cfg.target} test accuracy (%)", xticks=sorted({c["size"] for c in cells}),
+           title="mean over merge methods, spaces and partner tasks")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "merge-size.png", dpi=110)
+    plt.close(fig)
+
+
+def reproduce(cfg: ReproduceConfig) -> Path:
+    start = time.time()
+    tasks = cfg.tasks or list(PAPER_TASKS)
+    jobs = cfg.jobs or default_jobs(cfg.device)
+    train_suite(cfg)
+    run_cells(merge_cells(cfg, tasks), jobs)
+    folder = results_folder(cfg)
+    build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
+    plot_merges(cfg, tasks, folder)
+    claims = evaluate_claims(cfg, tasks)
+    out = folder / "claims.json"
+    out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "claims": claims,
+                               "holds": sum(c["holds"] for c in claims), "of": len(claims),
+                               "seconds": round(time.time() - start), "provenance": provenance(None)}, indent=2))
+    print(f"\nClaims ({sum(c['holds'] for c in claims)} of {len(claims)} hold; numbers in {out}):")
+    for c in claims:
+        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}")
+    print(f"reproduction finished in {time.time() - start:.0f} s")
+    return out
+
+
+def main(argv=None) -> None:
+    reproduce(parse_config(ReproduceConfig, argv, __doc__.split("\n")[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""How a process computes, and the record of it: pinned CPU threads and the provenance of results.
+
+On the CPU, PyTorch splits reductions (bias gradients, means, some GEMM paths) across its intra-op
+threads, so the same seeded run gives other bits under another thread count. Every deterministic
+stage (base pretraining, training, merge evaluation) therefore runs on exactly one intra-op thread
+and gets its parallelism from processes instead (the suite's and the sweep's `--jobs`): the bits
+then depend only on the code, the library versions and the CPU's instruction set.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing
+import os
+import platform
+import subprocess
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+Job = TypeVar("Job")
+
+DETERMINISTIC_THREADS = 1
+
+
+def pin_threads(device: torch.device | str = "cpu") -> None:
+    """One intra-op thread for a CPU stage (a GPU stage keeps the default: its kernels decide)."""
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(DETERMINISTIC_THREADS)
+        keep_freed_memory()
+
+
+def keep_freed_memory() -> None:
+    """glibc hands activations of a megabyte or more back to the kernel when they are freed, so every
+    step faults them in again (a sixth of a step on the offline ViT); keep them in the heap instead.
+    Changes no result; a no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 256 << 20)  # blocks below 256 MiB come from the heap ...
+    mallopt(m_trim_threshold, 1 << 30)  # ... and the heap keeps up to 1 GiB of freed memory
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Processes to run at once: one per core on the CPU (each computes on one thread), 1 on a GPU."""
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return 1 if on_gpu else (os.cpu_count() or 1)
+
+
+def run_jobs(work: Callable[[Job], object], jobs: Sequence[Job], processes: int, desc: str,
+             label: Callable[[Job], str] = str) -> None:
+    """Calls `work(job)` for every job, `processes` at a time in fresh worker processes (here when 1),
+    under one progress bar; the first failure cancels what has not started and names its job.
+
+    `work` must be a module-level function and each job picklable (workers are spawned).
+    """
+    if processes <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            work(job)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context) as pool, \
+            tqdm(total=len(jobs), desc=f"{desc}, {processes} at a time", unit="job") as bar:
+        pending = {pool.submit(work, job): job for job in jobs}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise RuntimeError(f"{label(job)} failed: {future.exception()}") from future.exception()
+                bar.set_postfix_str(label(job))
+                bar.update()
+
+
+def code_commit() -> str:
+    """The repository's commit (with `+dirty` for uncommitted changes), or `unknown` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def provenance(base_fingerprint: str | None = None) -> dict:
+    """What produced a result: base, code, threads, CPU instruction set and library versions."""
+    import numpy
+    import peft
+    import transformers
+
+    return {"base_fingerprint": base_fingerprint, "code_commit": code_commit(),
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__}}
