@@ -43,15 +43,20 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
     return cells
 
 
+def _pre_merge(cell: MergeConfig) -> None:
+    pre_merge(setup_merge(cell), cell)
+
+
 def run_cells(cells: list[MergeConfig], jobs: int) -> None:
-    """Evaluates the cells; the pre-merge pass of each distinct folder is made once, before the workers."""
-    seen = set()
+    """Evaluates the cells, `jobs` at a time. The pre-merge pass of each distinct set of updates and
+    folder comes first (also `jobs` at a time), so the cells that share it only read it."""
+    firsts = {}
     for cell in cells:
         folder = str(Path(cell.output_dir).parent) if cell.output_dir else None
         key = (cell.target, tuple(cell.protected or ()), tuple(cell.control or ()), tuple(cell.others or ()), folder)
-        if key not in seen:
-            seen.add(key)
-            pre_merge(setup_merge(cell), cell)
+        firsts.setdefault(key, dataclasses.replace(cell, progress=False))
+    run_jobs(_pre_merge, list(firsts.values()), jobs, f"pre-merge passes of {len(firsts)} merge sets",
+             lambda cell: f"{cell.target} + {len(cell.others or ())} others")
     if jobs > 1:
         cells = [dataclasses.replace(cell, progress=False) for cell in cells]
     run_jobs(run_merge_eval, cells, jobs, f"evaluating {len(cells)} merges",

@@ -24,8 +24,9 @@ from pathlib import Path
 from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.tables import TablesConfig, build_tables
-from models.runtime import default_jobs, provenance
+from models.runtime import default_jobs, pin_threads, provenance
 from training_scripts.config import parse_config
+from training_scripts.runs import resolve_device
 from training_scripts.suite import SuiteConfig, default_results, run_dir, suite_seeds, train_suite
 
 # The claims, as issue 14 states them (points of accuracy, test split).
@@ -173,23 +174,29 @@ def plot_merges(cfg: ReproduceConfig, tasks: list[str], folder: Path) -> None:
     for i, kind in enumerate(("protected", "control")):
         ax.bar([j + (i - 0.5) * 0.38 for j in range(len(grid))], [c[kind][0] for c in grid], 0.38,
                yerr=[c[kind][1] for c in grid], color=colours[kind], label=kind)
-    ax.plot(range(len(grid)), [c["zero-shot"][0] for c in grid], "_", ms=18, mew=2, color=colours["zero-shot"],
+    ax.plot(range(len(grid)), [c["zero-shot"][0] for c in grid], "_", ms=24, mew=2.5, color="k", zorder=3,
             label="zero-shot")
+    low = min(min(c[k][0] for k in colours) for c in grid)
+    ax.set_ylim(max(0.0, low - 5), None)
     ax.set_xticks(range(len(grid)), [c["cell"] for c in grid], rotation=60, ha="right")
+    seeds = suite_seeds(cfg)
     ax.set(ylabel=f"{cfg.target} test accuracy (%)",
-           title=f"{cfg.target} after merging all {len(tasks)} tasks (seeds {', '.join(map(str, suite_seeds(cfg)))})")
+           title=f"{cfg.target} after merging all {len(tasks)} tasks "
+                 f"({'seed' if len(seeds) == 1 else 'mean ± std over seeds'} {', '.join(map(str, seeds))})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "merge-cells.png", dpi=110)
     plt.close(fig)
 
+    studied = {c["cell"] for c in cells if c["group"] != "all-tasks"}  # the all-task grid has more cells
+    cells = [c for c in cells if c["cell"] in studied]
+    sizes = sorted({c["size"] for c in cells})
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for kind in ("protected", "control", "zero-shot"):
-        sizes = sorted({c["size"] for c in cells})
         means = [statistics.fmean(c[kind][0] for c in cells if c["size"] == n) for n in sizes]
         ax.plot(sizes, means, "o-", color=colours[kind], label=kind)
-    ax.set(xlabel="tasks merged", ylabel=f"{cfg.target} test accuracy (%)", xticks=sorted({c["size"] for c in cells}),
-           title="mean over merge methods, spaces and partner tasks")
+    ax.set(xlabel="tasks merged", ylabel=f"{cfg.target} test accuracy (%)", xticks=sizes,
+           title=f"mean over {', '.join(sorted(studied))} and partner tasks")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -201,6 +208,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     start = time.time()
     tasks = cfg.tasks or list(PAPER_TASKS)
     jobs = cfg.jobs or default_jobs(cfg.device)
+    pin_threads(resolve_device(cfg.device))  # as every stage computes, here or in the workers
     train_suite(cfg)
     run_cells(merge_cells(cfg, tasks), jobs)
     folder = results_folder(cfg)
@@ -208,9 +216,10 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     plot_merges(cfg, tasks, folder)
     claims = evaluate_claims(cfg, tasks)
     out = folder / "claims.json"
+    base = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())["provenance"]["base_fingerprint"]
     out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "claims": claims,
                                "holds": sum(c["holds"] for c in claims), "of": len(claims),
-                               "seconds": round(time.time() - start), "provenance": provenance(None)}, indent=2))
+                               "seconds": round(time.time() - start), "provenance": provenance(base)}, indent=2))
     print(f"\nClaims ({sum(c['holds'] for c in claims)} of {len(claims)} hold; numbers in {out}):")
     for c in claims:
         print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}")

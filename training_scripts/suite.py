@@ -73,7 +73,10 @@ def prepare_bases(cfg: SuiteConfig, runs: list[TrainConfig]) -> None:
     shipped = Path(f"{default_results(cfg)}.json")
     if shipped.exists():
         recorded = json.loads(shipped.read_text()).get("provenance", {}).get("base_fingerprint")
-        if recorded and recorded != base.fingerprint:
+        if recorded is None:
+            print(f"note: {shipped} records no base fingerprint (made before results recorded one): "
+                  f"its numbers need not come back here")
+        elif recorded != base.fingerprint:
             print(f"note: base {cfg.model} here is {base.fingerprint}, {shipped} was made with {recorded}: "
                   f"expect other numbers than the shipped table")
     for run in runs:
