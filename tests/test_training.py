@@ -127,6 +127,13 @@ def test_config_yaml_and_flags(tmp_path):
         parse_config(TrainConfig, ["--config", str(cfg_file)])
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--peft", "qlora"])
+    # mappings on the command line, as the README and the base errors tell users to pass them
+    cfg = parse_config(TrainConfig, ["--base_options", "{steps: 30, pretext_train: 512}", "--split_sizes",
+                                     "{train: 320}"])
+    assert cfg.base_options == {"steps": 30, "pretext_train": 512} and cfg.split_sizes == {"train": 320}
+    assert parse_config(TrainConfig, ["--base_options", "none"]).base_options is None
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--base_options", "[1, 2]"])
 
 
 def test_full_scale_clip_path_runs_on_a_tiny_local_model(tmp_path):

@@ -112,6 +112,16 @@ class TrainConfig(RunConfig):
         return Path("runs") / self.suite / self.model / self.peft / f"{self.dataset}-{tag}"
 
 
+def _yaml_mapping(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping such as '{{key: value}}', got {text!r}")
+    return value
+
+
+_yaml_mapping.__name__ = "mapping"  # argparse names it in "invalid ... value"
+
+
 def _arg_type(tp: Any):
     """argparse type and nargs for a dataclass field type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -126,8 +136,8 @@ def _arg_type(tp: Any):
         return optional, None
     if origin is list:
         return args[0], "+"
-    if origin is dict:
-        return yaml.safe_load, None
+    if origin is dict or tp is dict:  # a YAML mapping on the command line, e.g. --base_options '{steps: 50}'
+        return _yaml_mapping, None
     if tp is bool:
         return lambda s: str(s).lower() in ("1", "true", "yes", "on"), None
     return tp, None
