@@ -9,7 +9,8 @@ Stages, each resumable (finished runs and evaluated merge points are reused on a
    all-unprotected control, 5 methods × 3 spaces, with the adaptive attacker; merge/seed<N>/all-tasks/;
 3. the merge-size study: the target with each other task alone, and with the first three others
    (Task Arithmetic and TIES, full and Core space); merge/seed<N>/with-<task>/ and 4-tasks/;
-4. tables.md/.tex, figures (post-merge cells; accuracy against merge size) and claims.json (each
+4. the scaling curves of the target's updates (accuracy and loss against s, first seed);
+5. tables.md/.tex, figures (post-merge cells; accuracy against merge size) and claims.json (each
    claim, its numbers, true or false) next to the standalone table.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
+from eval_scripts.scaling_curve import CurveConfig, scaling_curve, write_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.runtime import default_jobs, pin_threads, provenance
 from training_scripts.config import parse_config
@@ -210,8 +212,13 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     jobs = cfg.jobs or default_jobs(cfg.device)
     pin_threads(resolve_device(cfg.device))  # as every stage computes, here or in the workers
     train_suite(cfg)
-    run_cells(merge_cells(cfg, tasks), jobs)
+    cells = merge_cells(cfg, tasks)
+    run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir), jobs)  # the long ones first
     folder = results_folder(cfg)
+    seed = suite_seeds(cfg)[0]
+    curve = CurveConfig(updates=[str(run_dir(cfg, cfg.target, protected, seed)) for protected in (False, True)],
+                        s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
+    write_curve(scaling_curve(curve), curve.output)
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     plot_merges(cfg, tasks, folder)
     claims = evaluate_claims(cfg, tasks)

@@ -8,6 +8,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.runtime import pin_threads
 from models.updates import load_update
 from models.vision import evaluate
 from training_scripts.config import parse_config
@@ -37,7 +38,9 @@ def scaling_curve(cfg: CurveConfig) -> list[dict]:
     if not cfg.updates:
         raise ValueError("--updates needs at least one update folder")
     updates = [load_update(p) for p in cfg.updates]
-    evaluator = MergeEvaluator(updates, resolve_device(cfg.device), cfg.eval_batch_size, data_root=cfg.data_root)
+    device = resolve_device(cfg.device)
+    pin_threads(device)
+    evaluator = MergeEvaluator(updates, device, cfg.eval_batch_size, data_root=cfg.data_root)
     rows = []
     for u in updates:
         deltas = {n: u.delta(n) for n in u.names()}

@@ -199,6 +199,6 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path):
                                   <= all_tasks["zero_shot_task_mean"]["mean"] + 0.5)
     folder = out.parent
     assert "Post-merging" in (folder / "tables.md").read_text()
-    for figure in ("merge-cells.png", "merge-size.png", "tables-tradeoff.png"):
+    for figure in ("merge-cells.png", "merge-size.png", "tables-tradeoff.png", "scaling_curve_gtsrb.png"):
         assert (folder / figure).stat().st_size > 1000
     assert (merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json").exists()
