@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dataset.math import MathExample, MathTask, is_correct, load_math_task
 from models.causal_lm import CausalLM, load_causal_lm
+from models.runtime import pin_threads, provenance
 from models.updates import ScaledUpdate, save_update
 from training_scripts import distributed
 from training_scripts.config import RunConfig, config_dict, parse_config
@@ -154,6 +155,7 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     if not cfg.task:
         raise ValueError("--task is required (gsm8k, asdiv, offline-gsm8k or offline-asdiv)")
     device = distributed.init_from_env(resolve_device(cfg.device))
+    pin_threads(device)
     main = distributed.is_main()
     out_dir = cfg.resolved_output_dir()
     if open_run_dir(cfg, out_dir, write=main):
@@ -186,9 +188,6 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
                                                             cfg.progress)}
     val_accuracy = evaluate()
     if main:
-        import peft
-        import transformers
-
         metadata = {
             "task": cfg.task, "suite": "math", "base_model": cfg.model, "base_options": lm.options,
             "base_fingerprint": lm.fingerprint, "protected": cfg.protected, "lambda_reg": cfg.lambda_reg,
@@ -196,8 +195,7 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
             "test_accuracy": test_by_scale.get("1", {}).get("accuracy"), "test_by_scale": test_by_scale,
             "best_step": result.best_step, "steps_run": result.steps_run, "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "processes": distributed.world_size(),
-            "versions": {"torch": torch.__version__, "peft": peft.__version__,
-                         "transformers": transformers.__version__},
+            "provenance": provenance(lm.fingerprint),
         }
         save_update(out_dir, lm.model, update, metadata)
         close_run_dir(out_dir)
