@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,19 @@ class MergeConfig:
     device: str = "auto"
     output_dir: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("coef_start", "coef_stop", "coef_step"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name} must be a finite number > 0, got {value!r}")
+        if self.coef_start > self.coef_stop:
+            raise ValueError(f"--coef_start {self.coef_start} is past --coef_stop {self.coef_stop}; swap them")
+        for name in ("patience", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise ValueError(f"--val_limit must be >= 1 (or none for the whole split), got {self.val_limit}")
 
     def coefficients(self) -> list[float]:
         n = int(round((self.coef_stop - self.coef_start) / self.coef_step)) + 1

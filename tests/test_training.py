@@ -136,6 +136,28 @@ def test_config_yaml_and_flags(tmp_path):
         parse_config(TrainConfig, ["--base_options", "[1, 2]"])
 
 
+@pytest.mark.parametrize("argv", [["--lambda_reg", "nan"], ["--lambda_reg", "-0.1"], ["--lr", "inf"],
+                                  ["--off_loss_cap", "nan"], ["--band", "nan"]])
+def test_non_finite_or_negative_settings_are_refused(argv, capsys):
+    """A NaN λ passes every comparison and would train an unprotected update recorded as protected."""
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_suite_and_merge_ranges_are_checked():
+    from eval_scripts.linear_search import MergeConfig
+    from training_scripts.suite import SuiteConfig
+
+    for bad in ({"protect_lambda": float("nan")}, {"protect_lambda": 0.0}, {"jobs": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SuiteConfig(**bad)
+    for bad, words in (({"coef_step": 0.0}, "coef_step"), ({"coef_start": 2.0, "coef_stop": 1.0}, "swap"),
+                       ({"val_limit": 0}, "val_limit"), ({"coef_stop": float("nan")}, "coef_stop")):
+        with pytest.raises(ValueError, match=words):
+            MergeConfig(**bad)
+
+
 def test_full_scale_clip_path_runs_on_a_tiny_local_model(tmp_path):
     """The clip-vit-b32 entry loads through from_pretrained; a tiny random model saved locally stands in."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,14 @@ class RunConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_freq", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        # NaN passes every comparison: a NaN λ would train an unprotected update recorded as protected
+        for name in ("lambda_reg", "rand_alpha_min", "rand_alpha_max", "band", "off_loss_cap", "lr",
+                     "weight_decay", "eps", "max_grad_norm", "min_delta", "lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
+        if self.lambda_reg < 0:
+            raise ValueError(f"--lambda_reg must be >= 0 (0 trains the unprotected baseline), got {self.lambda_reg}")
 
     @property
     def protected(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,14 @@ class SuiteConfig(TrainConfig):
     # runs trained at once, one process each (every run computes on one CPU thread, so its bits do not
     # depend on this); default: the CPU's core count on the CPU, 1 on a GPU
     jobs: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.protect_lambda) and self.protect_lambda > 0):
+            raise ValueError(f"--protect_lambda must be a finite number > 0 (the protected runs' λ), "
+                             f"got {self.protect_lambda}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1 (or none: one per core), got {self.jobs}")
     # default: results/<suite>/<model>/<peft>/standalone for the main runs; for runs under another
     # --runs_root, next to those runs, so an experiment never overwrites the shipped table
     results: str | None = None
