@@ -152,6 +152,9 @@ def test_an_experiment_under_another_runs_root_never_writes_the_shipped_table():
     assert default_results(main_runs) == Path("results/offline/offline-vit/full/standalone")
     experiment = SuiteConfig(suite="offline", model="offline-vit", peft="full", runs_root="runs/r7")
     assert default_results(experiment) == Path("runs/r7/offline/offline-vit/full/standalone")
+    # another seed, alone or with others, never takes the config seed's table name
+    assert default_results(SuiteConfig(seeds=[421])) == Path("results/offline/offline-vit/lora/standalone-seeds421")
+    assert default_results(SuiteConfig(seeds=[420, 421])).name == "standalone-seeds420-421"
 
 
 def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(trained_updates, tmp_path):

@@ -149,11 +149,11 @@ def _markdown_table(rows: list[dict], first: str = "task") -> list[str]:
 
 
 def default_results(cfg: SuiteConfig) -> Path:
-    """results/<suite>/<model>/<peft>/standalone (one seed) or standalone-seeds<N>-<M>... (several); for
+    """results/<suite>/<model>/<peft>/standalone (the config's seed) or standalone-seeds<N>-... (others); for
     runs under another --runs_root, next to those runs, so an experiment never overwrites a shipped table."""
     root = Path("results") if Path(cfg.runs_root) == Path(SuiteConfig.runs_root) else Path(cfg.runs_root)
     seeds = suite_seeds(cfg)
-    name = "standalone" if len(seeds) == 1 else "standalone-seeds" + "-".join(map(str, seeds))
+    name = "standalone" if seeds == [cfg.seed] else "standalone-seeds" + "-".join(map(str, seeds))
     return _suite_folder(root, cfg) / name
 
 
