@@ -53,7 +53,7 @@ def matmul_peak(threads: int, sizes=(512, 1024, 2048), seconds: float = 1.0) -> 
 
 
 def build_workload(name: str):
-    """(model, update, objective, batch) as the suite's trainer builds them, on random base weights."""
+    """(model, update, objective, batch, config) as the suite's trainer builds them, on random base weights."""
     from models.backbones import Backbone, get_backbone_spec
     from models.classifier import ZeroShotClassifier
     from models.pretrain import build_architecture, recipe_for
@@ -96,25 +96,28 @@ def _training_step(model, update, objective, batch, optimizer, params):
     optimizer.step()
 
 
-def step_flops(name: str) -> int:
-    """Model FLOPs of one training step (every pass of the objective, forward and backward)."""
+def step_flops(name: str):
+    """Model FLOPs of one training step (every pass of the objective, forward and backward), and the
+    workload's config."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, update, objective, batch, _ = build_workload(name)
+    model, update, objective, batch, cfg = build_workload(name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     with FlopCounterMode(display=False) as counter:
         _training_step(model, update, objective, batch, optimizer, params)
-    return counter.get_total_flops()
+    return counter.get_total_flops(), cfg
 
 
-def eval_flops(name: str, batch_size: int) -> int:
+def eval_flops(name: str) -> tuple[int, int]:
+    """Model FLOPs of one evaluation batch, and its size (the config's eval_batch_size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_workload(name)[0].eval()
+    model, *_, cfg = build_workload(name)
+    model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(batch_size, 3, 32, 32))
-    return counter.get_total_flops()
+        model(torch.zeros(cfg.eval_batch_size, 3, 32, 32))
+    return counter.get_total_flops(), cfg.eval_batch_size
 
 
 def _time_workload(name: str, steps: int, mode: str, start_barrier=None) -> float:
@@ -177,28 +180,28 @@ def main(argv=None) -> None:
           f"({matmul_peak(1) / 1e9:.1f} on one); {args.jobs} processes of one thread each")
     print(f"{'workload':<22} {'GFLOP/step':>10} {'1 proc img/s':>13} {'GFLOP/s':>8} "
           f"{f'{args.jobs} procs img/s':>15} {'GFLOP/s':>8} {'of peak':>8}")
+
+    def row(label: str, flops: int, batch: int, single: float, together: list[float]) -> float:
+        """Prints one workload's line; returns the share of the peak of `jobs` processes."""
+        rate = sum(flops / t for t in together)
+        print(f"{label:<22} {flops / 1e9:>10.2f} {batch / single:>13.0f} {flops / single / 1e9:>8.1f} "
+              f"{sum(batch / t for t in together):>15.0f} {rate / 1e9:>8.1f} {rate / peak:>8.2f}", flush=True)
+        return rate / peak
+
     utilisation = None
     for name in workloads:
-        flops = step_flops(name)
-        batch = build_workload(name)[4].batch_size
-        single = _time_workload(name, args.steps, "train")
-        together = concurrent_seconds(name, args.steps, "train", args.jobs)
-        rate = sum(flops / t for t in together)
-        print(f"{name:<22} {flops / 1e9:>10.2f} {batch / single:>13.0f} {flops / single / 1e9:>8.1f} "
-              f"{sum(batch / t for t in together):>15.0f} {rate / 1e9:>8.1f} {rate / peak:>8.2f}", flush=True)
+        flops, cfg = step_flops(name)
+        share = row(name, flops, cfg.batch_size, _time_workload(name, args.steps, "train"),
+                    concurrent_seconds(name, args.steps, "train", args.jobs))
         if name == UTILISATION_WORKLOAD:
-            utilisation = rate / peak
+            utilisation = share
     for name in ("vit-lora-plain", "convnext-lora-plain"):
         if name not in workloads:
             continue
-        batch = build_workload(name)[4].eval_batch_size
-        flops = eval_flops(name, batch)
-        single = _time_workload(name, max(1, args.steps // 5), "eval")
-        together = concurrent_seconds(name, max(1, args.steps // 5), "eval", args.jobs)
-        rate = sum(flops / t for t in together)
-        print(f"{name.replace('-plain', '') + ' merge eval':<22} {flops / 1e9:>10.2f} {batch / single:>13.0f} "
-              f"{flops / single / 1e9:>8.1f} {sum(batch / t for t in together):>15.0f} {rate / 1e9:>8.1f} "
-              f"{rate / peak:>8.2f}", flush=True)
+        steps = max(1, args.steps // 5)
+        flops, batch = eval_flops(name)
+        row(name.replace("-plain", "") + " merge eval", flops, batch, _time_workload(name, steps, "eval"),
+            concurrent_seconds(name, steps, "eval", args.jobs))
     print(f"training utilisation: {utilisation:.2f}")
 
 

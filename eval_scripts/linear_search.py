@@ -237,12 +237,9 @@ class MergeSetup:
 
     scenarios: dict[str, list[ReleasedUpdate]]
     others: list[ReleasedUpdate]
+    all_updates: list[ReleasedUpdate]  # every scenario's target updates, then the others
     out: Path
     evaluator: object
-
-    @property
-    def all_updates(self) -> list[ReleasedUpdate]:
-        return [u for ups in self.scenarios.values() for u in ups] + self.others
 
 
 def setup_merge(cfg: MergeConfig) -> MergeSetup:
@@ -276,7 +273,7 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
     else:
         evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
                                    cfg.num_workers)
-    return MergeSetup(scenarios, others, out, evaluator)
+    return MergeSetup(scenarios, others, all_updates, out, evaluator)
 
 
 def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:

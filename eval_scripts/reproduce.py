@@ -87,10 +87,6 @@ def merge_size(group: str, n_tasks: int) -> int:
     return n_tasks if group == "all-tasks" else 4 if group == "4-tasks" else 2
 
 
-def _summary(folder: Path) -> dict:
-    return json.loads((folder / "summary.json").read_text())
-
-
 def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "per_seed": values}
@@ -100,76 +96,84 @@ def _claim(text: str, holds: bool, **numbers) -> dict:
     return {"claim": text, "holds": bool(holds), **numbers}
 
 
-def evaluate_claims(cfg: ReproduceConfig, tasks: list[str]) -> list[dict]:
-    """Each claim with its numbers (in %, mean ± std over the seeds) and whether it holds."""
+@dataclass
+class CellResults:
+    """One merge cell (group × method × space): its summary.json for every seed."""
+
+    group: str
+    name: str  # method/space
+    size: int  # tasks merged
+    per_seed: list[dict]
+
+    def target(self, kind: str, target: str) -> list[float]:
+        """The target's test accuracy (%) per seed: `zero-shot`, `protected` or `control`."""
+        if kind == "zero-shot":
+            return [100 * s["pre_merge"]["zero_shot"]["test"][target] for s in self.per_seed]
+        return [100 * s["scenarios"][kind]["test"][target] for s in self.per_seed]
+
+
+def merge_results(cfg: ReproduceConfig, tasks: list[str]) -> list[CellResults]:
     seeds = suite_seeds(cfg)
-    standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
-    costs = [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
-    claims = [_claim(f"standalone cost (fine-tuned − Trap², mean over {len(tasks)} tasks) ≤ {MAX_COST} points",
-                     statistics.fmean(costs) <= MAX_COST, cost=_mean_std(costs))]
-
-    def pct(scenario: dict, task: str) -> float:
-        return 100 * scenario["test"][task]
-
+    out = []
     for cell in merge_cells(dataclasses.replace(cfg, seeds=seeds[:1]), tasks):  # one entry per group × cell
-        group, name = Path(cell.output_dir).parent.name, f"{cell.merge_method}/{cell.merge_space}"
-        per_seed = [_summary(merge_root(cfg, seed, group) / Path(cell.output_dir).name) for seed in seeds]
-        zero = [100 * s["pre_merge"]["zero_shot"]["test"][cfg.target] for s in per_seed]
-        protected = [pct(s["scenarios"]["protected"], cfg.target) for s in per_seed]
-        control = [pct(s["scenarios"]["control"], cfg.target) for s in per_seed]
+        group, folder = Path(cell.output_dir).parent.name, Path(cell.output_dir).name
+        out.append(CellResults(group, f"{cell.merge_method}/{cell.merge_space}", merge_size(group, len(tasks)),
+                               [json.loads((merge_root(cfg, seed, group) / folder / "summary.json").read_text())
+                                for seed in seeds]))
+    return out
+
+
+def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResults]) -> list[dict]:
+    """Each claim with its numbers (in %, mean ± std over the seeds) and whether it holds."""
+    costs = [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
+    n_tasks = len(standalone["rows"]) - 1
+    claims = [_claim(f"standalone cost (fine-tuned − Trap², mean over {n_tasks} tasks) ≤ {MAX_COST} points",
+                     statistics.fmean(costs) <= MAX_COST, cost=_mean_std(costs))]
+    for cell in cells:
+        if cell.group == "4-tasks":
+            continue  # reported in the merge-size figure; the issue sets no bar for it
+        zero, protected, control = (cell.target(kind, cfg.target) for kind in ("zero-shot", "protected", "control"))
         numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
         z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
-        if group == "4-tasks":
-            continue  # reported in the merge-size figure; the issue sets no bar for it
-        if group == "all-tasks":
-            means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values()) for s in per_seed]
+        if cell.group == "all-tasks":
+            means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values())
+                     for s in cell.per_seed]
             zero_means = [statistics.fmean(100 * a for a in s["pre_merge"]["zero_shot"]["test"].values())
-                          for s in per_seed]
+                          for s in cell.per_seed]
             numbers.update(protected_task_mean=_mean_std(means), zero_shot_task_mean=_mean_std(zero_means))
-            if "adaptive" in per_seed[0]["scenarios"]["protected"]:
+            if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
                 numbers["protected_adaptive"] = _mean_std(
-                    [100 * s["scenarios"]["protected"]["adaptive"]["test"][cfg.target] for s in per_seed])
+                    [100 * s["scenarios"]["protected"]["adaptive"]["test"][cfg.target] for s in cell.per_seed])
             claims.append(_claim(
-                f"all-task merge, {name}: protected {cfg.target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below "
-                f"the control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
+                f"all-task merge, {cell.name}: protected {cfg.target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and "
+                f"below the control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
                 p <= z + MAX_TARGET_ABOVE_ZERO_SHOT and p < c
                 and statistics.fmean(means) <= statistics.fmean(zero_means) + MAX_MEAN_ABOVE_ZERO_SHOT, **numbers))
         else:
             finetuned = statistics.fmean(100 * s["scenarios"]["control"]["finetuned_test"][cfg.target]
-                                         for s in per_seed)
+                                         for s in cell.per_seed)
             kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
             numbers.update(control_gain_kept=kept)
             claims.append(_claim(
-                f"two-task merge {group}, {name}: protected {cfg.target} ≤ zero-shot + "
+                f"two-task merge {cell.group}, {cell.name}: protected {cfg.target} ≤ zero-shot + "
                 f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
                 p <= z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT and kept >= MIN_CONTROL_GAIN_KEPT, **numbers))
     return claims
 
 
-def _cell_results(cfg: ReproduceConfig, tasks: list[str]) -> list[dict]:
-    """Per group and cell: the target's test accuracy (protected, control, zero-shot) over the seeds."""
-    seeds = suite_seeds(cfg)
-    out = []
-    for cell in merge_cells(dataclasses.replace(cfg, seeds=seeds[:1]), tasks):
-        group = Path(cell.output_dir).parent.name
-        runs = [_summary(merge_root(cfg, seed, group) / Path(cell.output_dir).name) for seed in seeds]
-        values = {"zero-shot": [s["pre_merge"]["zero_shot"]["test"][cfg.target] for s in runs],
-                  "protected": [s["scenarios"]["protected"]["test"][cfg.target] for s in runs],
-                  "control": [s["scenarios"]["control"]["test"][cfg.target] for s in runs]}
-        out.append({"group": group, "cell": f"{cell.merge_method}/{cell.merge_space}",
-                    "size": merge_size(group, len(tasks)),
-                    **{k: (100 * statistics.fmean(v), 100 * statistics.pstdev(v)) for k, v in values.items()}})
-    return out
-
-
-def plot_merges(cfg: ReproduceConfig, tasks: list[str], folder: Path) -> None:
+def plot_merges(cfg: ReproduceConfig, n_tasks: int, results: list[CellResults], folder: Path) -> None:
     """merge-cells.png: the target after each all-task merge; merge-size.png: against the merge size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = _cell_results(cfg, tasks)
+    def spread(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.pstdev(values)
+
+    cells = [{"group": r.group, "cell": r.name, "size": r.size,
+              **{kind: spread(r.target(kind, cfg.target)) for kind in ("zero-shot", "protected", "control")}}
+             for r in results]
     colours = {"protected": "tab:red", "control": "tab:blue", "zero-shot": "0.4"}
     grid = [c for c in cells if c["group"] == "all-tasks"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(grid) + 2), 3.8))
@@ -183,7 +187,7 @@ def plot_merges(cfg: ReproduceConfig, tasks: list[str], folder: Path) -> None:
     ax.set_xticks(range(len(grid)), [c["cell"] for c in grid], rotation=60, ha="right")
     seeds = suite_seeds(cfg)
     ax.set(ylabel=f"{cfg.target} test accuracy (%)",
-           title=f"{cfg.target} after merging all {len(tasks)} tasks "
+           title=f"{cfg.target} after merging all {n_tasks} tasks "
                  f"({'seed' if len(seeds) == 1 else 'mean ± std over seeds'} {', '.join(map(str, seeds))})")
     ax.legend()
     fig.tight_layout()
@@ -220,13 +224,15 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                         s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
     write_curve(scaling_curve(curve), curve.output)
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
-    plot_merges(cfg, tasks, folder)
-    claims = evaluate_claims(cfg, tasks)
+    results = merge_results(cfg, tasks)
+    plot_merges(cfg, len(tasks), results, folder)
+    standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
+    claims = evaluate_claims(cfg, standalone, results)
     out = folder / "claims.json"
-    base = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())["provenance"]["base_fingerprint"]
     out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "claims": claims,
                                "holds": sum(c["holds"] for c in claims), "of": len(claims),
-                               "seconds": round(time.time() - start), "provenance": provenance(base)}, indent=2))
+                               "seconds": round(time.time() - start),
+                               "provenance": provenance(standalone["provenance"]["base_fingerprint"])}, indent=2))
     print(f"\nClaims ({sum(c['holds'] for c in claims)} of {len(claims)} hold; numbers in {out}):")
     for c in claims:
         print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}")
