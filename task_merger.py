@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from models.registry import Registry
 from models.updates import LoraFactors, ReleasedUpdate, UpdateError
 
 # ============================================================================ merge methods
@@ -147,14 +148,8 @@ class MergeMethod:
     description: str = ""
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
-
-
-def register_merge_method(method: MergeMethod) -> MergeMethod:
-    if method.name in MERGE_METHODS:
-        raise ValueError(f"merge method {method.name!r} registered twice")
-    MERGE_METHODS[method.name] = method
-    return method
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+register_merge_method = MERGE_METHODS.register
 
 
 TOP_K_GRID = tuple(range(100, 0, -10))
@@ -175,11 +170,7 @@ register_merge_method(MergeMethod("cart", cart, {"rank": 0.04, "beta": 0.1}, {"r
                                   description="CART: centred, rank-pruned residuals"))
 
 
-def get_merge_method(name: str) -> MergeMethod:
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; choose one of {sorted(MERGE_METHODS)}") from None
+get_merge_method = MERGE_METHODS.lookup
 
 
 # ============================================================================ merge spaces

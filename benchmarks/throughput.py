@@ -66,7 +66,7 @@ def build_workload(name: str):
     suite = parse_config(SuiteConfig, ["--config", str(ROOT / config)])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{**{k: v for k, v in dataclasses.asdict(suite).items() if k in fields},
-                         "dataset": "gtsrb", "lambda_reg": suite.protect_lambda if protected else 0.0})
+                         "dataset": "gtsrb", "lambda_reg": suite.lambda_reg if protected else 0.0})
     torch.manual_seed(0)
     net = build_architecture(recipe_for(cfg.model))
     for p in net.parameters():

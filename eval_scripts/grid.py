@@ -14,17 +14,17 @@ from pathlib import Path
 from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
 from models.runtime import default_jobs, run_jobs
 from task_merger import MERGE_SPACES, get_merge_method
-from training_scripts.config import parse_config
+from training_scripts.config import option, parse_config
 
 PAPER_METHODS = ["tv", "ties", "dare_ties", "tsv", "cart"]
 
 
 @dataclass
 class GridConfig(MergeConfig):
-    methods: list[str] | None = None  # default: the paper's five
-    spaces: list[str] | None = None  # default: full, knots, core
-    results_root: str | None = None  # default: as MergeConfig (results/<suite>/<model>/<kind>/<target>)
-    jobs: int | None = None  # cells evaluated at once (default: the CPU's core count, 1 on a GPU)
+    methods: list[str] | None = option(None, "merge methods; default: the paper's five")
+    spaces: list[str] | None = option(None, "merge spaces; default: full, knots, core")
+    results_root: str | None = option(None, "default: as the merge command (results/<suite>/<model>/<kind>/<target>)")
+    jobs: int | None = option(None, "cells evaluated at once (default: one per CPU core, 1 on a GPU)")
 
 
 def grid_cells(cfg: GridConfig) -> list[MergeConfig]:

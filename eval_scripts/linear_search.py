@@ -25,6 +25,7 @@ from models.runtime import pin_threads, provenance
 from models.updates import ReleasedUpdate, UpdateError, load_update
 from models.vision import Base, DataSettings, evaluate, load_base, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
+from training_scripts.config import option
 from training_scripts.runs import resolve_device
 
 SCENARIOS = ("protected", "control")
@@ -32,27 +33,27 @@ SCENARIOS = ("protected", "control")
 
 @dataclass
 class MergeConfig:
-    target: str = ""  # task name of the protected update
-    protected: list[str] | None = None  # the protected target update folder(s)
-    control: list[str] | None = None  # the unprotected target update folder(s), for the control
-    others: list[str] | None = None  # unprotected updates of the other tasks
-    merge_method: str = "tv"
-    merge_space: str = "full"
-    isotropize: bool = False
-    coef_start: float = 0.1
-    coef_stop: float = 9.9
-    coef_step: float = 0.1
-    patience: int = 10
-    method_grid: bool = True  # search the method's own hyperparameters after c
-    adaptive: bool = False  # also search a separate coefficient for the target update
-    val_limit: int | None = None  # evaluate on the first N validation images per task (speed)
-    eval_batch_size: int = 512
-    data_root: str | None = None  # vision8: where the datasets lie here (default: as each update was trained)
-    num_workers: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    output_dir: str | None = None
-    progress: bool = True
+    target: str = option("", "task name of the protected update")
+    protected: list[str] | None = option(None, "the protected target update folder(s)")
+    control: list[str] | None = option(None, "the unprotected target update folder(s), for the all-unprotected control")
+    others: list[str] | None = option(None, "unprotected update folders of the other tasks")
+    merge_method: str = option("tv", "tv, ties, dare_ties, tsv, cart (or any registered method)")
+    merge_space: str = option("full", "full, knots or core")
+    isotropize: bool = option(False, "replace each merged matrix's singular values by their mean (Iso-C)")
+    coef_start: float = option(0.1, "first merge coefficient c searched")
+    coef_stop: float = option(9.9, "last merge coefficient c searched")
+    coef_step: float = option(0.1, "step of the coefficient search")
+    patience: int = option(10, "coefficients without improvement before the search stops")
+    method_grid: bool = option(True, "search the method's own hyperparameters after c")
+    adaptive: bool = option(False, "also search a separate coefficient for the target update (an adaptive attacker)")
+    val_limit: int | None = option(None, "evaluate on the first N validation images per task (speed)")
+    eval_batch_size: int = option(512, "batch size of evaluation")
+    data_root: str | None = option(None, "vision8: where the datasets lie here (default: as each update was trained)")
+    num_workers: int | None = option(None, "data-loading processes")
+    seed: int = option(0, "seed of random merges (DARE's drop masks)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str | None = option(None, "default: results/<suite>/<model>/<kind>/<target>/<method>-<space>")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         for name in ("coef_start", "coef_stop", "coef_step"):

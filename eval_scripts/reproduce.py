@@ -27,7 +27,7 @@ from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.scaling_curve import CurveConfig, scaling_curve, write_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.runtime import default_jobs, pin_threads, provenance
-from training_scripts.config import parse_config
+from training_scripts.config import option, parse_config
 from training_scripts.runs import resolve_device
 from training_scripts.suite import SuiteConfig, default_results, run_dir, suite_seeds, train_suite
 
@@ -41,14 +41,15 @@ MIN_CONTROL_GAIN_KEPT = 0.3  # two-task merges: the control keeps this share of 
 
 @dataclass
 class ReproduceConfig(SuiteConfig):
-    target: str = "gtsrb"  # the protected task of the merge scenarios
-    val_limit: int | None = 250  # the coefficient search reads the first N validation images per task
-    adaptive: bool = True  # also search a separate coefficient for the target (all-task grid)
-    merge_methods: list[str] | None = None  # all-task grid; default: the paper's five
-    merge_spaces: list[str] | None = None  # all-task grid; default: full, knots, core
-    size_methods: list[str] | None = None  # merge-size study; default: tv, ties
-    size_spaces: list[str] | None = None  # merge-size study; default: full, core
-    merge_sizes: bool = True  # run the merge-size study
+    target: str = option("gtsrb", "the protected task of the merge scenarios")
+    val_limit: int | None = option(250, "the coefficient search reads the first N validation images per task")
+    adaptive: bool = option(True, "also search a separate coefficient for the target (all-task grid)")
+    merge_methods: list[str] | None = option(None, "methods of the all-task grid; default: the paper's five")
+    merge_spaces: list[str] | None = option(None, "spaces of the all-task grid; default: full, knots, core")
+    size_methods: list[str] | None = option(None, "methods of the merge-size study; default: tv, ties")
+    size_spaces: list[str] | None = option(None, "spaces of the merge-size study; default: full, core")
+    merge_sizes: bool = option(
+        True, "run the merge-size study (the target with each other task, and with three others)")
 
 
 def results_folder(cfg: ReproduceConfig) -> Path:

@@ -11,21 +11,21 @@ from pathlib import Path
 from models.runtime import pin_threads
 from models.updates import load_update
 from models.vision import evaluate
-from training_scripts.config import parse_config
+from training_scripts.config import option, parse_config
 from training_scripts.runs import resolve_device
 
 
 @dataclass
 class CurveConfig:
-    updates: list[str] | None = None
-    s_min: float = 0.0
-    s_max: float = 3.0
-    s_step: float = 0.05
-    split: str = "test"
-    output: str = "results/scaling_curve"
-    eval_batch_size: int = 512
-    data_root: str | None = None  # vision8: where the datasets lie here (default: as each update was trained)
-    device: str = "auto"
+    updates: list[str] | None = option(None, "update folders to evaluate")
+    s_min: float = option(0.0, "smallest scale s")
+    s_max: float = option(3.0, "largest scale s")
+    s_step: float = option(0.05, "step between scales")
+    split: str = option("test", "val or test")
+    output: str = option("results/scaling_curve", "path without extension of the .csv and .png")
+    eval_batch_size: int = option(512, "batch size of evaluation")
+    data_root: str | None = option(None, "vision8: where the datasets lie here (default: as each update was trained)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
     def scales(self) -> list[float]:
         n = int(round((self.s_max - self.s_min) / self.s_step)) + 1

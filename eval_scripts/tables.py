@@ -18,14 +18,14 @@ from pathlib import Path
 
 from eval_scripts.grid import PAPER_METHODS
 from task_merger import MERGE_SPACES
-from training_scripts.config import parse_config
+from training_scripts.config import option, parse_config
 from training_scripts.objective import ScaleSampler
 
 
 @dataclass
 class TablesConfig:
-    results: str = "results"
-    output: str | None = None  # default: <results>/tables(.md|.tex)
+    results: str = option("results", "folder searched for standalone and merge results")
+    output: str | None = option(None, "path without extension; default: <results>/tables(.md|.tex)")
 
 
 def _pct(x: float) -> str:
@@ -44,7 +44,7 @@ def standalone_rows(root: Path) -> list[dict]:
         data = json.loads(path.read_text())
         cfg, mean = data["config"], data["rows"][-1]
         weight = cfg.get("rand_alpha_weight", "inv") + (f", cap {cfg['off_loss_cap']:g}" if cfg.get("off_loss_cap") else "")
-        rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["protect_lambda"]),
+        rows.append({"backbone": cfg["model"], "update": cfg["peft"], "λ": str(cfg["lambda_reg"]),
                      "w(s)": weight, "scales/step": cfg.get("scale_samples", 1), "off scales": _off_scales(cfg),
                      "lr": "default" if cfg["lr"] is None else f"{cfg['lr']:g}", "steps": cfg["max_steps"], "eval every": cfg["eval_freq"],
                      "tasks": len(data["rows"]) - 1, "seeds": len(cfg.get("seeds") or [cfg["seed"]]),

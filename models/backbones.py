@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from models.registry import Registry
+
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 """texts -> their embeddings (n, d) in the image feature space (not normalised)."""
 Preprocess = Callable[[Sequence[object]], torch.Tensor]
@@ -37,21 +39,9 @@ class BackboneSpec:
     text_encoder: Callable[..., TextEncoder] | None = None  # (**options); None: prototype heads stand in
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
-
-
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in BACKBONES:
-        raise ValueError(f"backbone {spec.name!r} registered twice")
-    BACKBONES[spec.name] = spec
-    return spec
-
-
-def get_backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}") from None
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+register_backbone = BACKBONES.register
+get_backbone_spec = BACKBONES.lookup
 
 
 class Backbone(nn.Module):

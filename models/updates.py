@@ -289,13 +289,3 @@ def load_update(path: str | Path) -> ReleasedUpdate:
                               f"B {tuple(B.shape)} (need A r×n, B m×r)")
         factors[f"{module}.weight"] = LoraFactors(A, B, _lora_scaling(config, module, A.shape[0]))
     return ReleasedUpdate(path, kind, meta, lora=factors)
-
-
-def apply_deltas(net: nn.Module, deltas: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
-    """Sets each named parameter of `net` to base + delta (others back to base), in place."""
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            value = base[name]
-            if name in deltas:
-                value = value + deltas[name].to(value.device, value.dtype)
-            p.copy_(value)

@@ -122,7 +122,7 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     for name in ("gtsrb-plain", "gtsrb-trap2"):
         (runs / name).symlink_to(trained_updates[name])
     cfg = SuiteConfig(runs_root=str(tmp_path / "runs"), results=str(tmp_path / "results" / "standalone-lambda0.1"),
-                      protect_lambda=0.1, band=0.2)
+                      lambda_reg=0.1, band=0.2)
     md = write_standalone_table(cfg, ["gtsrb"])
     assert md.name == "standalone-lambda0.1.md"  # dotted names keep their full stem
     meta = json.loads((trained_updates["gtsrb-trap2"] / "trap2_update.json").read_text())
@@ -184,7 +184,7 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path):
     from conftest import TINY_BASE, TINY_SPLITS
     from eval_scripts.reproduce import ReproduceConfig, merge_root, reproduce
 
-    cfg = ReproduceConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, protect_lambda=0.1,
+    cfg = ReproduceConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, lambda_reg=0.1,
                           base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS), max_steps=6, eval_freq=3,
                           warmup_steps=2, batch_size=16, lr=3e-3, head_shots=4, progress=False, val_limit=32,
                           merge_methods=["tv"], merge_spaces=["full"], size_methods=["tv"], size_spaces=["core"])

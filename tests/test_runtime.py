@@ -43,7 +43,7 @@ def _tiny_suite(runs_root, jobs):
     from training_scripts.suite import SuiteConfig
 
     return SuiteConfig(tasks=["gtsrb", "mnist"], runs_root=str(runs_root), results=str(runs_root / "standalone"),
-                       jobs=jobs, protect_lambda=0.1, base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS),
+                       jobs=jobs, lambda_reg=0.1, base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS),
                        max_steps=6, eval_freq=3, warmup_steps=2, batch_size=16, lr=3e-3, head_shots=4,
                        progress=False)
 
@@ -74,7 +74,7 @@ def test_a_table_never_mixes_runs_of_different_bases(trained_updates, tmp_path):
     runs.mkdir(parents=True)
     shutil.copytree(trained_updates["gtsrb-plain"], runs / "gtsrb-plain")
     shutil.copytree(trained_updates["gtsrb-trap2"], runs / "gtsrb-trap2")
-    cfg = SuiteConfig(runs_root=str(tmp_path / "runs"), protect_lambda=0.1)
+    cfg = SuiteConfig(runs_root=str(tmp_path / "runs"), lambda_reg=0.1)
     md = write_standalone_table(cfg, ["gtsrb"])
     fingerprint = json.loads((runs / "gtsrb-plain" / "trap2_update.json").read_text())["base_fingerprint"]
     assert f"Base {fingerprint}" in md.read_text() and "CPU threads per run: 1" in md.read_text()
@@ -91,7 +91,7 @@ def test_the_suite_says_in_one_line_when_its_base_is_not_the_shipped_tables(trai
     from training_scripts.suite import SuiteConfig, default_results, prepare_bases, suite_runs
 
     monkeypatch.chdir(tmp_path)
-    cfg = SuiteConfig(tasks=["gtsrb"], base_options=dict(TINY_BASE), protect_lambda=0.1)
+    cfg = SuiteConfig(tasks=["gtsrb"], base_options=dict(TINY_BASE), lambda_reg=0.1)
     shipped = Path(f"{default_results(cfg)}.json")
     shipped.parent.mkdir(parents=True)
     shipped.write_text(json.dumps({"provenance": {"base_fingerprint": "fedcba9876543210"}}))

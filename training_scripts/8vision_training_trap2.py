@@ -1,5 +1,5 @@
-"""The paper's command name: python -m training_scripts.8vision_training_trap2 (defaults --peft lora --lambda_reg 0.01)."""
+"""The paper's command name: python -m training_scripts.8vision_training_trap2 (LoRA, Trap²-protected: λ from --lambda_reg or the YAML, else the release's 0.01)."""
 from training_scripts.__main__ import main
 
 if __name__ == "__main__":
-    main(defaults={"peft": "lora", "lambda_reg": 0.01})
+    main(protected=True)

@@ -12,49 +12,55 @@ from typing import Any
 import yaml
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING):
+    """A config field that carries its own --help text (a default, or a factory for a mutable one)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class RunConfig:
     """What every trainer shares: the Trap² objective, LoRA, optimisation and bookkeeping."""
 
     # Trap² (paper CLI names); lambda_reg = 0 is the unprotected baseline
-    lambda_reg: float = 0.0
-    rand_alpha_min: float = 0.05
-    rand_alpha_max: float = 2.0
-    band: float = 0.05
-    rand_alpha_weight: str = "inv"  # inv | inv_sqrt | none
-    scale_samples: int = 1
-    fixed_scales: list[float] | None = None
-    # cap of each example's off-scale loss (math: of the batch's); None: the paper's unbounded term
-    off_loss_cap: float | None = None
+    lambda_reg: float = option(0.0, "Trap² weight λ of the off-scale term; 0 trains the unprotected baseline")
+    rand_alpha_min: float = option(0.05, "s_min: smallest off scale sampled")
+    rand_alpha_max: float = option(2.0, "s_max: largest off scale sampled (1 + band: only scales below 1)")
+    band: float = option(0.05, "δ: scales within (1-δ, 1+δ) are never sampled")
+    rand_alpha_weight: str = option("inv", "w(s) weighting the off-scale loss: inv (1/s), inv_sqrt (1/sqrt(s)) or none")
+    scale_samples: int = option(1, "K: off scales sampled per step (the off-scale loss is their mean)")
+    fixed_scales: list[float] | None = option(None, "use these off scales every step instead of sampling")
+    off_loss_cap: float | None = option(
+        None, "cap of each example's off-scale loss (math: of the batch's); none: the paper's unbounded term")
     # LoRA
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: list[str] | None = None  # default: the backbone's (q/k/v/out_proj, or fc1/fc2)
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.1, "dropout on the LoRA input")
+    lora_targets: list[str] | None = option(
+        None, "module names carrying LoRA; default: the backbone's (q/k/v/out_proj, or fc1/fc2)")
     # optimisation
-    lr: float | None = None  # default 3e-4 for LoRA, 1e-5 for full
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    batch_size: int = 32  # per process and micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    max_steps: int = 10000
-    warmup_steps: int = 500
-    schedule: str = "cosine"  # cosine | linear (decay to 0 after warm-up)
-    max_grad_norm: float = 1.0
-    eval_freq: int = 2000
-    patience: int = 5
-    min_delta: float = 0.001
-    amp: str = "auto"  # auto (fp16 + GradScaler on GPU, off on CPU) | fp16 | bf16 | none
-    gradient_checkpointing: bool = False
-    eval_batch_size: int = 256
+    lr: float | None = option(None, "peak learning rate; default: the trainer's (3e-4 LoRA, 1e-5 full; math 1e-4)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.98, "AdamW beta2")
+    eps: float = option(1e-6, "AdamW epsilon")
+    batch_size: int = option(32, "examples per process and micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    max_steps: int = option(10000, "optimiser steps at most")
+    warmup_steps: int = option(500, "linear warm-up steps before the decay")
+    schedule: str = option("cosine", "LR decay to 0 after warm-up: cosine or linear")
+    max_grad_norm: float = option(1.0, "gradient norm clip")
+    eval_freq: int = option(2000, "steps between validation evaluations (and checkpoints)")
+    patience: int = option(5, "evaluations without improvement before stopping early")
+    min_delta: float = option(0.001, "smallest validation gain that counts as an improvement")
+    amp: str = option("auto", "mixed precision: auto (fp16 + GradScaler on GPU, off on CPU), fp16, bf16 or none")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
+    eval_batch_size: int = option(256, "batch size of evaluation")
     # bookkeeping
-    seed: int = 420
-    device: str = "auto"
-    output_dir: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+    seed: int = option(420, "seed of initialisation, data order, dropout and sampled scales")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str | None = option(None, "run folder; default: runs/<suite>/<model>/<peft>/<task>-trap2|plain")
+    overwrite: bool = option(False, "replace a finished or interrupted run in output_dir instead of refusing")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.amp not in ("auto", "fp16", "bf16", "none"):
@@ -87,19 +93,22 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """One vision task update."""
 
-    dataset: str = ""
-    suite: str = "offline"
-    model: str = "offline-vit"
-    peft: str = "lora"  # lora | full
+    dataset: str = option("", "the task to train, e.g. gtsrb")
+    suite: str = option("offline", "offline (generated data, runs anywhere) or vision8 (the paper's eight datasets)")
+    model: str = option(
+        "offline-vit", "backbone: offline-vit, offline-convnext, clip-vit-b32, clip-vit-l14, convnext-base-w")
+    peft: str = option("lora", "lora or full (fine-tune every weight of the vision tower)")
     # data and heads
-    data_seed: int = 0
-    head_shots: int = 16
-    split_sizes: dict[str, int] | None = None  # offline: train/val/test sizes; vision8: caps for quick runs
-    data_root: str | None = None  # vision8: where the datasets lie (default $TRAP2_DATASETS or data/datasets)
-    val_index_dir: str | None = None  # vision8: KnOTS <name>_shuffled_idxs.pt files for exact split parity
-    download: bool = False  # vision8: fetch the datasets whose hosts still serve them
-    num_workers: int | None = None  # data-loading processes (default: 0 in memory, up to 8 for files)
-    base_options: dict | None = None  # passed to the backbone builder (offline: recipe overrides, e.g. {steps: 50})
+    data_seed: int = option(0, "seed of the data splits and generated images")
+    head_shots: int = option(16, "images per class for the zero-shot head (offline suite)")
+    split_sizes: dict[str, int] | None = option(
+        None, "offline: train/val/test sizes; vision8: caps for quick runs, e.g. {train: 320}")
+    data_root: str | None = option(None, "vision8: where the datasets lie (default $TRAP2_DATASETS or data/datasets)")
+    val_index_dir: str | None = option(None, "vision8: KnOTS <name>_shuffled_idxs.pt files for exact split parity")
+    download: bool = option(False, "vision8: fetch the datasets whose hosts still serve them")
+    num_workers: int | None = option(None, "data-loading processes (default: 0 in memory, up to 8 for files)")
+    base_options: dict | None = option(
+        None, "passed to the backbone builder (offline: recipe overrides, e.g. {steps: 50})")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,20 +162,21 @@ def _arg_type(tp: Any):
 
 
 def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None,
-                 yaml_ignores: frozenset[str] = frozenset()):
+                 fixed: dict | None = None):
     """Builds `cls` from its defaults, then `defaults`, then a YAML --config, then flags.
 
-    `yaml_ignores`: keys a YAML file may hold for a wider command (a suite config used for one run).
+    `fixed`: values the command itself sets (a paper alias's λ = 0): they replace the YAML's, and a flag
+    that contradicts one is an error. A YAML key that is not an option of `cls` is an error.
     """
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, nargs = _arg_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(f"--{f.name}", type=tp, nargs=nargs, default=argparse.SUPPRESS,
-                            help=f"(default: {default})")
+                            help=f.metadata.get("help", "") + ("" if default is None else f" (default: {default})"))
     ns = vars(parser.parse_args(argv))
     values = dict(defaults or {})
     config_path = ns.pop("config", None)
@@ -176,15 +186,37 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
         loaded = yaml.safe_load(config_path.read_text()) or {}
         if not isinstance(loaded, dict):
             parser.error(f"{config_path} must hold a mapping of option: value")
-        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)} - yaml_ignores
+        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            parser.error(f"{config_path}: unknown options {sorted(unknown)}")
-        values.update({k: v for k, v in loaded.items() if k not in yaml_ignores})
+            parser.error(f"{config_path}: unknown options {sorted(unknown)} for this command")
+        values.update(loaded)
+    for name, value in (fixed or {}).items():
+        if name in ns and ns[name] != value:
+            parser.error(f"--{name} {ns[name]} contradicts this command, which sets {name} = {value}")
+    values.update(fixed or {})
     values.update(ns)
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+
+
+# The release's CLI default λ, in every trainer (reference spec §2)
+RELEASE_LAMBDA = 0.01
+
+
+def parse_run_config(cls, argv=None, description: str = "", protected: bool | None = None,
+                     defaults: dict | None = None):
+    """A trainer's options. `protected` is the paper aliases' choice: True trains Trap² (λ from the flags or
+    YAML, else the release's 0.01; λ = 0 is refused), False the unprotected baseline (λ = 0 whatever the
+    YAML says: a suite YAML's λ belongs to its protected runs), None takes λ as given."""
+    defaults = {**({"lambda_reg": RELEASE_LAMBDA} if protected else {}), **(defaults or {})}
+    fixed = {"lambda_reg": 0.0} if protected is False else None
+    cfg = parse_config(cls, argv, description, defaults, fixed)
+    if protected and not cfg.protected:
+        raise SystemExit(f"error: this command trains a Trap²-protected update; --lambda_reg must be > 0, "
+                         f"got {cfg.lambda_reg}")
+    return cfg
 
 
 def config_dict(cfg) -> dict:

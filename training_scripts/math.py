@@ -25,7 +25,7 @@ from models.causal_lm import CausalLM, load_causal_lm
 from models.runtime import pin_threads, provenance
 from models.updates import ScaledUpdate, save_update
 from training_scripts import distributed
-from training_scripts.config import RunConfig, config_dict, parse_config
+from training_scripts.config import RunConfig, config_dict, option, parse_run_config
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
                                    resolve_device, seed_everything)
@@ -38,26 +38,29 @@ class MathConfig(RunConfig):
     """Reference spec §2 (math): LoRA r 32 / α 32 / dropout 0.1 on q/k/v/o, AdamW lr 1e-4, linear
     schedule with warm-up, batch 4, max length 512, 256 new tokens, w(s) = 1/sqrt(s)."""
 
-    task: str = ""  # gsm8k | asdiv | offline-gsm8k | offline-asdiv
-    model: str = "meta-llama/Llama-3.1-8B"  # any AutoModelForCausalLM id, or offline-llama
-    model_options: dict | None = None  # {pretrained: local folder} for hub models; recipe overrides offline
-    data_root: str | None = None
-    data_seed: int = 42
-    split_sizes: dict[str, int] | None = None  # caps (real tasks) or generated sizes (offline stand-ins)
-    max_length: int = 512
-    max_new_tokens: int = 256
-    val_limit: int | None = None  # validation problems per evaluation (generation is the slow part)
-    report_scales: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
-    rand_alpha_weight: str = "inv_sqrt"
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
-    lr: float | None = 1e-4
-    batch_size: int = 4
-    schedule: str = "linear"
-    warmup_steps: int = 100
-    eval_freq: int = 500
-    eval_batch_size: int = 16
-    amp: str = "auto"  # bf16 on GPU, none on CPU
+    task: str = option("", "gsm8k, asdiv, or the offline stand-ins offline-gsm8k, offline-asdiv")
+    model: str = option("meta-llama/Llama-3.1-8B", "any AutoModelForCausalLM id, or offline-llama")
+    model_options: dict | None = option(
+        None, "{pretrained: local folder} for hub models; recipe overrides for offline-llama")
+    data_root: str | None = option(None, "where the math datasets lie")
+    data_seed: int = option(42, "seed of the data splits")
+    split_sizes: dict[str, int] | None = option(None, "caps (real tasks) or generated sizes (offline stand-ins)")
+    max_length: int = option(512, "longest prompt + answer in tokens")
+    max_new_tokens: int = option(256, "tokens generated per answer at evaluation")
+    val_limit: int | None = option(None, "validation problems per evaluation (generation is the slow part)")
+    report_scales: list[float] = option(
+        factory=lambda: [0.0, 0.5, 1.0], help="scales s at which the finished update's test accuracy is reported")
+    rand_alpha_weight: str = option(
+        "inv_sqrt", "w(s): inv (1/s), inv_sqrt (1/sqrt(s), the release's math default) or none")
+    lora_rank: int = option(32, "LoRA rank r (paper: 32)")
+    lora_alpha: float = option(32.0, "LoRA alpha (paper: 32)")
+    lr: float | None = option(1e-4, "peak learning rate (paper: 1e-4)")
+    batch_size: int = option(4, "examples per process and micro-batch (paper: 4)")
+    schedule: str = option("linear", "LR decay after warm-up: linear (paper) or cosine")
+    warmup_steps: int = option(100, "linear warm-up steps")
+    eval_freq: int = option(500, "steps between validation evaluations")
+    eval_batch_size: int = option(16, "batch size of generation")
+    amp: str = option("auto", "mixed precision: auto (bf16 on GPU, none on CPU), fp16, bf16 or none")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -205,9 +208,10 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     return out_dir
 
 
-def main(argv=None, defaults: dict | None = None) -> None:
-    cfg = parse_config(MathConfig, argv, "Train one math LoRA update, protected with Trap² when --lambda_reg > 0.",
-                       defaults)
+def main(argv=None, protected: bool | None = None) -> None:
+    """`protected`: set by the paper's command names (True: Trap², False: the unprotected baseline)."""
+    cfg = parse_run_config(MathConfig, argv, "Train one math LoRA update, protected with Trap² when --lambda_reg > 0.",
+                           protected)
     train_math(cfg)
 
 

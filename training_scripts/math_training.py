@@ -1,5 +1,5 @@
-"""The paper's command name: python -m training_scripts.math_training --task gsm8k (unprotected LoRA)."""
+"""The paper's command name: python -m training_scripts.math_training --task gsm8k (unprotected LoRA, λ = 0)."""
 from training_scripts.math import main
 
 if __name__ == "__main__":
-    main(defaults={"lambda_reg": 0.0})
+    main(protected=False)

@@ -1,5 +1,6 @@
-"""The paper's command name: python -m training_scripts.math_training_trap2 --task gsm8k (defaults λ = 0.01)."""
+"""The paper's command name: python -m training_scripts.math_training_trap2 --task gsm8k (Trap²-protected LoRA: λ from
+--lambda_reg or the YAML, else the release's 0.01)."""
 from training_scripts.math import main
 
 if __name__ == "__main__":
-    main(defaults={"lambda_reg": 0.01})
+    main(protected=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,31 +18,32 @@ from dataset.offline import PAPER_TASKS
 from models.updates import METADATA_FILE
 from models.runtime import default_jobs, provenance, run_jobs
 from models.vision import load_base
-from training_scripts.config import TrainConfig, parse_config
+from training_scripts.config import TrainConfig, option, parse_config
 from training_scripts.objective import ScaleSampler
 from training_scripts.vision import REPORT_SCALES, train_vision
 
 
 @dataclass
 class SuiteConfig(TrainConfig):
-    tasks: list[str] | None = None  # default: the eight paper tasks
-    seeds: list[int] | None = None  # default: [seed]; the table averages every task over them
-    protect_lambda: float = 0.02  # λ of the protected runs (the unprotected ones use 0)
-    runs_root: str = "runs"
-    # runs trained at once, one process each (every run computes on one CPU thread, so its bits do not
-    # depend on this); default: the CPU's core count on the CPU, 1 on a GPU
-    jobs: int | None = None
+    tasks: list[str] | None = option(None, "tasks to train; default: the eight paper tasks")
+    seeds: list[int] | None = option(None, "seeds to train; the table averages every task over them (default: [seed])")
+    lambda_reg: float = option(
+        0.01, "λ of the protected runs (the unprotected ones use 0); default: the release's 0.01")
+    runs_root: str = option(
+        "runs", "where run folders go: <runs_root>/<suite>/<model>/<peft>/<task>-trap2|plain[-seed<N>]")
+    # every run computes on one CPU thread, so its bits do not depend on jobs
+    jobs: int | None = option(None, "runs trained at once, one process each (default: one per CPU core, 1 on a GPU)")
+    # an experiment under another --runs_root gets its table next to its runs, never over the shipped one
+    results: str | None = option(None, "table path without extension; default: results/<suite>/<model>/<peft>/"
+                                       "standalone, or beside the runs for another --runs_root")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.protect_lambda) and self.protect_lambda > 0):
-            raise ValueError(f"--protect_lambda must be a finite number > 0 (the protected runs' λ), "
-                             f"got {self.protect_lambda}")
+        if not self.lambda_reg > 0:
+            raise ValueError(f"--lambda_reg must be > 0: it is the protected runs' λ (the unprotected ones use 0), "
+                             f"got {self.lambda_reg}")
         if self.jobs is not None and self.jobs < 1:
             raise ValueError(f"--jobs must be >= 1 (or none: one per core), got {self.jobs}")
-    # default: results/<suite>/<model>/<peft>/standalone for the main runs; for runs under another
-    # --runs_root, next to those runs, so an experiment never overwrites the shipped table
-    results: str | None = None
 
 
 def suite_seeds(cfg: SuiteConfig) -> list[int]:
@@ -70,7 +70,7 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
     return [TrainConfig(**{**shared, "dataset": task, "seed": seed,
-                           "lambda_reg": cfg.protect_lambda if protected else 0.0,
+                           "lambda_reg": cfg.lambda_reg if protected else 0.0,
                            "output_dir": str(run_dir(cfg, task, protected, seed))})
             for protected in (True, False) for seed in suite_seeds(cfg) for task in tasks]
 
@@ -186,7 +186,7 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
     cap = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
-             f"Trap² λ = {cfg.protect_lambda}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}, "
+             f"Trap² λ = {cfg.lambda_reg}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}, "
              f"s ∈ {ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band)}{cap}{over}. "
              f"s = 1 is the released update; s = 0 is the frozen base. Base {base_fingerprint}, "
              f"CPU threads per run: {', '.join(map(str, threads))}.", ""]

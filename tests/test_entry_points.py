@@ -1,0 +1,151 @@
+"""Every command line: the YAML's λ reaches the objective the trainer builds, and an unknown key fails."""
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from training_scripts.config import RELEASE_LAMBDA, TrainConfig, parse_config
+from training_scripts.runs import build_objective
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+OWN_MAIN = {"training_scripts", "training_scripts.suite", "training_scripts.math", "eval_scripts",
+            "eval_scripts.reproduce"}
+
+
+def _lambdas_reached(module: str, argv: list[str], monkeypatch, tmp_path) -> list[float]:
+    """Runs `python -m module argv` with its training replaced by building the objective(s) it would train:
+    a module's own main(), or the alias file itself (each paper alias is a file that calls one)."""
+    import importlib
+
+    import eval_scripts.__main__
+    import eval_scripts.reproduce
+    import training_scripts.__main__
+    import training_scripts.math
+    import training_scripts.suite
+
+    reached = []
+
+    def one_run(cfg):
+        reached.append(build_objective(cfg).lambda_reg)
+
+    def suite(cfg):
+        tasks = cfg.tasks or ["gtsrb"]
+        reached.extend(build_objective(run).lambda_reg for run in training_scripts.suite.suite_runs(cfg, tasks))
+
+    monkeypatch.setattr(training_scripts.__main__, "train_vision", one_run)
+    monkeypatch.setattr(training_scripts.math, "train_math", one_run)
+    monkeypatch.setattr(training_scripts.suite, "train_suite", suite)
+    monkeypatch.setattr(eval_scripts.reproduce, "reproduce", suite)
+    monkeypatch.setattr(eval_scripts.__main__, "run_merge_eval", one_run)
+    monkeypatch.chdir(tmp_path)  # nothing may touch the repository's runs/
+    if module in OWN_MAIN:
+        importlib.import_module(module if "." in module else f"{module}.__main__").main(argv)
+    else:
+        monkeypatch.setattr(sys, "argv", [module] + argv)
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    return reached
+
+
+# (module, extra argv, λ the run(s) must get from a YAML λ of 0.07: None = the YAML's own)
+ENTRY_POINTS = [
+    ("training_scripts", ["--dataset", "gtsrb"], [0.07]),
+    ("training_scripts.8vision_training", ["--dataset", "gtsrb"], [0.0]),
+    ("training_scripts.8vision_training_full", ["--dataset", "gtsrb"], [0.0]),
+    ("training_scripts.8vision_training_trap2", ["--dataset", "gtsrb"], [0.07]),
+    ("training_scripts.8vision_training_full_trap2", ["--dataset", "gtsrb"], [0.07]),
+    ("training_scripts.suite", ["--tasks", "gtsrb", "mnist"], [0.07, 0.07, 0.0, 0.0]),
+    ("eval_scripts.reproduce", ["--tasks", "gtsrb", "mnist"], [0.07, 0.07, 0.0, 0.0]),
+    ("training_scripts.math", ["--task", "gsm8k"], [0.07]),
+    ("training_scripts.math_training", ["--task", "gsm8k"], [0.0]),
+    ("training_scripts.math_training_trap2", ["--task", "gsm8k"], [0.07]),
+]
+
+
+@pytest.mark.parametrize("module,argv,expected", ENTRY_POINTS, ids=[e[0] for e in ENTRY_POINTS])
+def test_yaml_lambda_reaches_the_objective(module, argv, expected, tmp_path, monkeypatch):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("lambda_reg: 0.07\nseed: 421\n")
+    assert _lambdas_reached(module, ["--config", str(yaml)] + argv, monkeypatch, tmp_path) == expected
+
+
+@pytest.mark.parametrize("module,argv,expected", ENTRY_POINTS, ids=[e[0] for e in ENTRY_POINTS])
+def test_unknown_yaml_key_fails(module, argv, expected, tmp_path, monkeypatch, capsys):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("lambda_reg: 0.07\nprotect_lambda: 0.07\n")  # the old name of λ is an unknown key too
+    with pytest.raises(SystemExit):
+        _lambdas_reached(module, ["--config", str(yaml)] + argv, monkeypatch, tmp_path)
+    assert "unknown options ['protect_lambda']" in capsys.readouterr().err
+
+
+def test_merge_command_refuses_an_unknown_key(tmp_path, monkeypatch, capsys):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("target: gtsrb\nlambda_reg: 0.07\n")  # λ is a training option, not a merge one
+    with pytest.raises(SystemExit):
+        _lambdas_reached("eval_scripts", ["--config", str(yaml)], monkeypatch, tmp_path)
+    assert "unknown options ['lambda_reg']" in capsys.readouterr().err
+
+
+def test_paper_aliases_choose_protection_not_lambda(monkeypatch, capsys, tmp_path):
+    """Protected aliases without a λ take the release's CLI default; a plain alias refuses a λ; a protected
+    one refuses λ = 0."""
+    assert _lambdas_reached("training_scripts.8vision_training_trap2", ["--dataset", "gtsrb"],
+                            monkeypatch, tmp_path) == [RELEASE_LAMBDA]
+    assert _lambdas_reached("training_scripts.math_training_trap2", ["--task", "gsm8k"], monkeypatch, tmp_path) == [RELEASE_LAMBDA]
+    assert _lambdas_reached("training_scripts", ["--dataset", "gtsrb"], monkeypatch, tmp_path) == [0.0]
+    for module, argv in (("training_scripts.8vision_training", ["--lambda_reg", "0.2"]),
+                         ("training_scripts.8vision_training_trap2", ["--lambda_reg", "0"]),
+                         ("training_scripts.math_training_trap2", ["--lambda_reg", "0"])):
+        with pytest.raises(SystemExit):
+            _lambdas_reached(module, ["--dataset", "gtsrb"] + argv if "math" not in module else argv, monkeypatch, tmp_path)
+    assert "contradicts" in capsys.readouterr().err
+
+
+def test_every_shipped_config_parses():
+    """Each YAML under configs/ is valid for every command that reads it, and gives the suite its λ."""
+    from eval_scripts.grid import GridConfig
+    from training_scripts.math import MathConfig
+    from training_scripts.suite import SuiteConfig
+
+    configs = sorted(CONFIGS.glob("**/*.yaml"))
+    assert len(configs) >= 14
+    for path in configs:
+        if path.parent.name == "merge":
+            cfg = parse_config(GridConfig, ["--config", str(path)])
+            assert cfg.target and cfg.protected and cfg.control
+            assert len(cfg.others) == (1 if "math" in path.name or "llama" in path.name else 7)
+        elif path.parent.name == "math":
+            assert parse_config(MathConfig, ["--config", str(path), "--task", "gsm8k"]).model
+        else:
+            suite = parse_config(SuiteConfig, ["--config", str(path)])
+            assert suite.lambda_reg > 0
+            if suite.tasks is not None:  # a suite-only key: one run has no use for it, so it is refused
+                with pytest.raises(SystemExit):
+                    parse_config(TrainConfig, ["--config", str(path), "--dataset", "gtsrb"])
+                continue
+            one = parse_config(TrainConfig, ["--config", str(path), "--dataset", "gtsrb"])
+            assert one.model == suite.model and one.lambda_reg == suite.lambda_reg
+
+
+def test_every_option_has_help_text(capsys):
+    """--help explains every option of every command (the text lives on the config field)."""
+    import dataclasses
+
+    from eval_scripts.grid import GridConfig
+    from eval_scripts.linear_search import MergeConfig
+    from eval_scripts.reproduce import ReproduceConfig
+    from eval_scripts.scaling_curve import CurveConfig
+    from eval_scripts.tables import TablesConfig
+    from training_scripts.math import MathConfig
+    from training_scripts.suite import SuiteConfig
+
+    for cls in (TrainConfig, MathConfig, SuiteConfig, ReproduceConfig, MergeConfig, GridConfig, CurveConfig,
+                TablesConfig):
+        with pytest.raises(SystemExit):
+            parse_config(cls, ["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata.get("help", "")) > 5, f"{cls.__name__}.{f.name} has no help text"
+            assert " ".join(f.metadata["help"].split())[:40] in text, f"--{f.name} help missing from {cls.__name__}"
