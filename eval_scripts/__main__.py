@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from eval_scripts.linear_search import MergeConfig, run_merge_eval
-from training_scripts.config import parse_config
+from training_scripts.config import parse_config, run_cli
 
 
 def main(argv=None, defaults: dict | None = None) -> None:
@@ -13,4 +13,4 @@ def main(argv=None, defaults: dict | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

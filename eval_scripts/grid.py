@@ -14,7 +14,7 @@ from pathlib import Path
 from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
 from models.runtime import default_jobs, run_jobs
 from task_merger import MERGE_SPACES, get_merge_method
-from training_scripts.config import option, parse_config
+from training_scripts.config import option, parse_config, run_cli
 
 PAPER_METHODS = ["tv", "ties", "dare_ties", "tsv", "cart"]
 
@@ -69,4 +69,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,9 +12,9 @@ skips what is done, so an interrupted sweep resumes where it stopped.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +22,10 @@ import torch
 
 from models.classifier import ZeroShotClassifier
 from models.runtime import pin_threads, provenance
-from models.updates import ReleasedUpdate, UpdateError, load_update
-from models.vision import Base, DataSettings, evaluate, load_base, load_task, task_head
+from models.storage import FolderLock, append_jsonl, read_jsonl
+from models.backbones import BACKBONES
+from models.updates import ReleasedUpdate, UpdateError, base_request, load_update
+from models.vision import Base, DataSettings, base_is_built, evaluate, load_base, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
 from training_scripts.config import option
 from training_scripts.runs import resolve_device
@@ -49,6 +51,9 @@ class MergeConfig:
     val_limit: int | None = option(None, "evaluate on the first N validation images per task (speed)")
     eval_batch_size: int = option(512, "batch size of evaluation")
     data_root: str | None = option(None, "vision8: where the datasets lie here (default: as each update was trained)")
+    base_options: dict | None = option(
+        None, "the base's options, e.g. {pretrained: /local/folder}; default: the updates' recorded offline recipe "
+              "(an update never chooses a path, hub id or revision, nor starts pretraining)")
     num_workers: int | None = option(None, "data-loading processes")
     seed: int = option(0, "seed of random merges (DARE's drop masks)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -82,52 +87,47 @@ class TaskEval:
 
 
 class PointLog:
-    """points.jsonl: one line per evaluated point, appended with a single write (resumable)."""
+    """points.jsonl: one line per evaluated point, appended in a single write (resumable)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash: that point is simply evaluated again
-                self.done[rec["key"]] = rec
+        self.done: dict[str, dict] = {rec["key"]: rec for rec in read_jsonl(path) if "key" in rec}
 
     def write(self, record: dict) -> None:
         self.done[record["key"]] = record
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_jsonl(self.path, record)
 
 
 class MergeEvaluator:
     """Evaluates merges of updates of one base on those updates' tasks."""
 
     def __init__(self, updates: list[ReleasedUpdate], device: torch.device, eval_batch_size: int = 512,
-                 val_limit: int | None = None, data_root: str | None = None, num_workers: int | None = None):
+                 val_limit: int | None = None, data_root: str | None = None, num_workers: int | None = None,
+                 base_options: dict | None = None):
+        name, options = base_request(updates, base_options, BACKBONES)
         meta = updates[0].metadata
         for u in updates:
-            if u.metadata.get("suite") != meta.get("suite") or u.metadata.get("base_model") != meta.get("base_model"):
-                raise UpdateError(f"{u.path}: base/suite {u.metadata.get('base_model')}/{u.metadata.get('suite')} "
-                                  f"differs from {meta.get('base_model')}/{meta.get('suite')}")
+            if u.metadata.get("suite") != meta.get("suite"):
+                raise UpdateError(f"{u.path}: suite {u.metadata.get('suite')!r} differs from {updates[0].path}'s "
+                                  f"{meta.get('suite')!r}; merge updates of one suite")
         self.device, self.batch, self.val_limit = device, eval_batch_size, val_limit
-        self.base: Base = load_base(meta["base_model"], meta.get("base_options"), device)
+        if base_options is None and not base_is_built(name, options):
+            raise UpdateError(f"{updates[0].path}: base {name} with options {options} is not built on this machine, "
+                              f"and an update may not start pretraining; build it first (the suite that trained "
+                              f"the update, or python -m models.pretrain) or pass --base_options")
+        self.base: Base = load_base(name, options, device)
         self.net = self.base.backbone.net
         self.base_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         for u in updates:
             u.check_base(self.base.fingerprint, self.base_state)
+        self.data = shared_data_settings(updates)
         self.tasks: dict[str, TaskEval] = {}
         for u in updates:
             name = u.task
             if name in self.tasks:
                 continue
-            data = DataSettings.from_config(u.metadata["config"], suite=u.metadata["suite"], data_root=data_root,
-                                            num_workers=num_workers)
+            data = dataclasses.replace(self.data, **{k: v for k, v in (("data_root", data_root),
+                                                                         ("num_workers", num_workers)) if v is not None})
             task = load_task(self.base, name, data)
             head = task_head(self.base, task, data)
             self.tasks[name] = TaskEval(name, ZeroShotClassifier(self.base.backbone, head.to(device)), task)
@@ -139,11 +139,39 @@ class MergeEvaluator:
 
     def apply(self, merged: dict[str, torch.Tensor] | None, coefficient: float = 0.0) -> None:
         self.net.load_state_dict(self.base_state)
+        check_finite(merged)
         if merged:
             apply_merged(self.net, self.base_state, merged, coefficient)
 
     def all_tasks(self, split: str) -> dict[str, float]:
         return {name: self.accuracy(name, split) for name in self.tasks}
+
+
+def shared_data_settings(updates: list[ReleasedUpdate]) -> DataSettings:
+    """The data every update of a merge was trained and evaluated on; they must agree, so that no one
+    update's metadata (a released one, say) picks the splits, sizes or heads everybody is scored on."""
+    local = {"data_root", "num_workers", "download"}  # where this machine keeps the data, not which data
+    first = None
+    for u in updates:
+        if not isinstance(u.metadata.get("config"), dict):
+            raise UpdateError(f"{u.path}: its metadata holds no training config; save the update with training_scripts")
+        settings = DataSettings.from_config(u.metadata["config"], suite=u.metadata.get("suite"))
+        recorded = {k: v for k, v in dataclasses.asdict(settings).items() if k not in local}
+        if first is None:
+            first, first_settings = (u, recorded), settings
+        elif recorded != first[1]:
+            diff = {k: (first[1][k], recorded[k]) for k in recorded if recorded[k] != first[1][k]}
+            raise UpdateError(f"{u.path}: its recorded data settings differ from {first[0].path}'s ({diff}); "
+                              f"updates of one merge must be trained on the same data")
+    return first_settings
+
+
+def check_finite(merged: dict[str, torch.Tensor] | None) -> None:
+    """A merge with NaN/Inf would score like a protection that works; stop instead of reporting it."""
+    for name, t in (merged or {}).items():
+        if not torch.isfinite(t).all():
+            raise UpdateError(f"the merged update of {name} holds NaN or Inf; one of the updates is corrupt "
+                              f"(the merge itself stays finite on finite inputs)")
 
 
 def normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -270,10 +298,11 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
     if first.metadata.get("suite") == "math":  # generation accuracy of a merged causal LM
         from eval_scripts.math_eval import MathMergeEvaluator
 
-        evaluator = MathMergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root)
+        evaluator = MathMergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
+                                       base_options=cfg.base_options)
     else:
         evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
-                                   cfg.num_workers)
+                                   cfg.num_workers, cfg.base_options)
     return MergeSetup(scenarios, others, all_updates, out, evaluator)
 
 
@@ -302,20 +331,25 @@ def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
 
 def run_merge_eval(cfg: MergeConfig) -> Path:
     setup = setup_merge(cfg)
-    pre = pre_merge(setup, cfg)
-    log = PointLog(setup.out / "points.jsonl")
-    summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {},
-               "provenance": provenance(setup.all_updates[0].metadata.get("base_fingerprint"))}
-    for name, ups in setup.scenarios.items():
-        if not ups:
-            continue
-        merged_updates = ups + setup.others
-        finetuned = {u.task: {s: pre["alone"][s][str(u.path)][u.task] for s in ("val", "test")} for u in merged_updates}
-        res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
-        res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
-        res["updates"] = [str(u.path) for u in merged_updates]
-        summary["scenarios"][name] = res
-    _write_outputs(setup.out, cfg, summary, log)
+    lock = FolderLock(setup.out)  # one writer per sweep folder
+    try:
+        pre = pre_merge(setup, cfg)
+        log = PointLog(setup.out / "points.jsonl")
+        summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {},
+                   "provenance": provenance(setup.all_updates[0].metadata.get("base_fingerprint"))}
+        for name, ups in setup.scenarios.items():
+            if not ups:
+                continue
+            merged_updates = ups + setup.others
+            finetuned = {u.task: {s: pre["alone"][s][str(u.path)][u.task] for s in ("val", "test")}
+                         for u in merged_updates}
+            res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
+            res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
+            res["updates"] = [str(u.path) for u in merged_updates]
+            summary["scenarios"][name] = res
+        _write_outputs(setup.out, cfg, summary, log)
+    finally:
+        lock.release()
     return setup.out
 
 

@@ -9,22 +9,23 @@ import torch
 
 from dataset.math import load_math_task
 from models.causal_lm import load_causal_lm
-from models.updates import ReleasedUpdate, UpdateError
+from models.updates import ReleasedUpdate, UpdateError, base_request
 from task_merger import apply_merged
 from training_scripts.math import accuracy
 
 
 class MathMergeEvaluator:
     def __init__(self, updates: list[ReleasedUpdate], device: torch.device, eval_batch_size: int = 16,
-                 val_limit: int | None = None, data_root: str | None = None, progress: bool = False):
+                 val_limit: int | None = None, data_root: str | None = None, progress: bool = False,
+                 base_options: dict | None = None):
         meta = updates[0].metadata
         for u in updates:
             if u.metadata.get("base_model") != meta.get("base_model") or u.metadata.get("suite") != "math":
                 raise UpdateError(f"{u.path}: base {u.metadata.get('base_model')!r} (suite "
                                   f"{u.metadata.get('suite')!r}) differs from {meta.get('base_model')!r} (math)")
         self.device, self.batch, self.val_limit, self.progress = device, eval_batch_size, val_limit, progress
-        self.lm = load_causal_lm(meta["base_model"], meta.get("base_options"),
-                                 torch.bfloat16 if device.type == "cuda" else None)
+        name, options = base_request(updates, base_options)
+        self.lm = load_causal_lm(name, options, torch.bfloat16 if device.type == "cuda" else None)
         self.net = self.lm.model.to(device)
         state = self.net.state_dict()
         for u in updates:

@@ -11,7 +11,7 @@ from pathlib import Path
 from models.runtime import pin_threads
 from models.updates import load_update
 from models.vision import evaluate
-from training_scripts.config import option, parse_config
+from training_scripts.config import option, parse_config, run_cli
 from training_scripts.runs import resolve_device
 
 
@@ -25,6 +25,7 @@ class CurveConfig:
     output: str = option("results/scaling_curve", "path without extension of the .csv and .png")
     eval_batch_size: int = option(512, "batch size of evaluation")
     data_root: str | None = option(None, "vision8: where the datasets lie here (default: as each update was trained)")
+    base_options: dict | None = option(None, "the base's options; default: the updates' recorded offline recipe")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
     def scales(self) -> list[float]:
@@ -40,7 +41,8 @@ def scaling_curve(cfg: CurveConfig) -> list[dict]:
     updates = [load_update(p) for p in cfg.updates]
     device = resolve_device(cfg.device)
     pin_threads(device)
-    evaluator = MergeEvaluator(updates, device, cfg.eval_batch_size, data_root=cfg.data_root)
+    evaluator = MergeEvaluator(updates, device, cfg.eval_batch_size, data_root=cfg.data_root,
+                               base_options=cfg.base_options)
     rows = []
     for u in updates:
         deltas = {n: u.delta(n) for n in u.names()}
@@ -93,4 +95,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

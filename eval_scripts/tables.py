@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eval_scripts.grid import PAPER_METHODS
 from task_merger import MERGE_SPACES
-from training_scripts.config import option, parse_config
+from training_scripts.config import option, parse_config, run_cli
 from training_scripts.objective import ScaleSampler
 
 
@@ -175,4 +175,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

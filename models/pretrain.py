@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +128,15 @@ def pretrain(recipe: dict, progress: bool = True) -> nn.Module:
     return net
 
 
+def base_folder(name: str, **overrides) -> Path:
+    """data/bases/<name>-<recipe hash>: where the offline base of this recipe is cached."""
+    return cache_root() / "bases" / f"{name}-{recipe_hash(recipe_for(name, **overrides))}"
+
+
 def load_or_pretrain(name: str, progress: bool = True, **overrides) -> nn.Module:
     """The pretrained offline base `name`, from data/bases/ or pretrained now and cached."""
     recipe = recipe_for(name, **overrides)
-    folder = cache_root() / "bases" / f"{name}-{recipe_hash(recipe)}"
+    folder = base_folder(name, **overrides)
     weights = folder / "model.safetensors"
     if weights.exists():
         net = build_architecture(recipe)
@@ -154,10 +160,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     args = parser.parse_args(argv)
     for name in args.models:
-        recipe = recipe_for(name, steps=args.steps)
         start = time.time()
         load_or_pretrain(name, steps=args.steps)
-        meta = json.loads((cache_root() / "bases" / f"{name}-{recipe_hash(recipe)}" / "recipe.json").read_text())
+        meta = json.loads((base_folder(name, steps=args.steps) / "recipe.json").read_text())
         print(f"{name}: pretext val accuracy {meta['pretext_val_accuracy']:.3f}, "
               f"pretrained in {meta['seconds']} s (this call {time.time() - start:.1f} s)")
 

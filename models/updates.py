@@ -32,6 +32,11 @@ PEFT_CONFIG = "adapter_config.json"
 UPDATE_KINDS = ("lora", "full")
 
 
+# Bounds no genuine update comes near; past them a file is corrupt or hostile (NaN would look like protection)
+MAX_LORA_ALPHA = 1e4
+MAX_DELTA = 1e4
+
+
 class UpdateError(ValueError):
     """A released update cannot be used as asked; the message says what is wrong and what to do."""
 
@@ -216,6 +221,15 @@ class ReleasedUpdate:
                                   f"{tuple(base_state[name].shape)}")
 
 
+def _read_tensors(path: Path, file: Path) -> dict[str, torch.Tensor]:
+    """safetensors only; a corrupt or truncated file is named, with what to do."""
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise UpdateError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); the update is "
+                          f"corrupt or truncated: download or save it again") from None
+
+
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     if not tensors:
         raise UpdateError(f"{path}: holds no tensors")
@@ -224,6 +238,59 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             raise UpdateError(f"{path}: tensor {name} has dtype {t.dtype}; updates must be floating point")
         if not torch.isfinite(t).all():
             raise UpdateError(f"{path}: tensor {name} contains NaN or Inf; the update is corrupt")
+
+
+def _check_metadata(file: Path, meta: dict) -> None:
+    """Types and ranges of what the loaders and evaluators read from trap2_update.json."""
+    def bad(key: str, want: str):
+        raise UpdateError(f"{file}: {key} is {meta.get(key)!r}, expected {want}; the metadata is corrupt")
+
+    for key in ("task", "base_model", "base_fingerprint"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            bad(key, "a non-empty string")
+    if "lambda_reg" in meta and not (_finite_number(meta["lambda_reg"]) and meta["lambda_reg"] >= 0):
+        bad("lambda_reg", "a finite number >= 0")
+    for key in ("base_options", "config"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            bad(key, "a mapping")
+
+
+def base_request(updates: list["ReleasedUpdate"], user_options: dict | None,
+                 known_names: Iterable[str] | None = None) -> tuple[str, dict]:
+    """The base to load for `updates`, decided on this machine, not by the files.
+
+    The name is the one the updates record (all must agree), and must be one of `known_names` when given.
+    The options are the user's when given; else the updates' own only when they merely tune an offline
+    recipe (numbers): a released file never picks a path, a hub id or a revision here. The fingerprint
+    check after loading then proves the base is the one the update was trained on.
+    """
+    known = sorted(known_names) if known_names is not None else None
+    for u in updates:
+        name = u.metadata["base_model"]
+        if known is not None and name not in known:
+            raise UpdateError(f"{u.path}: its metadata names base {name!r}, which is not a known backbone "
+                              f"({', '.join(known)}); register it before merging this update")
+        if known is None and (name.startswith(("/", ".", "~")) or ".." in name or "\\" in name):
+            raise UpdateError(f"{u.path}: its metadata names base {name!r}, a path: a released file may not choose "
+                              f"files on this machine; pass --base_options '{{pretrained: <folder>}}' yourself")
+    names = {u.metadata["base_model"] for u in updates}
+    if len(names) > 1:
+        raise UpdateError(f"the updates were trained on different bases {sorted(names)}; merge updates of one base")
+    name = names.pop()
+    if user_options is not None:
+        return name, dict(user_options)
+    for u in updates:
+        for key, value in (u.metadata.get("base_options") or {}).items():
+            if value is not None and not _finite_number(value):
+                raise UpdateError(f"{u.path}: its metadata asks for base option {key} = {value!r}; options that "
+                                  f"name files, hub ids or revisions are not taken from an update: pass "
+                                  f"--base_options yourself")
+    options = updates[0].metadata.get("base_options") or {}
+    for u in updates:
+        if (u.metadata.get("base_options") or {}) != options:
+            raise UpdateError(f"{u.path}: its base options {u.metadata.get('base_options')} differ from "
+                              f"{updates[0].path}'s {options}; pass --base_options to choose the base")
+    return name, options
 
 
 def _read_json(path: Path) -> dict:
@@ -242,11 +309,21 @@ def _read_json(path: Path) -> dict:
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
-def _lora_scaling(config: dict, module: str, rank: int) -> float:
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lora_scaling(path: Path, config: dict, module: str, rank: int) -> float:
     alpha = config.get("lora_alpha", rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise UpdateError(f"{path / PEFT_CONFIG}: alpha_pattern must be a mapping, got {patterns!r}")
+    for pattern, value in patterns.items():
         if module == pattern or module.endswith("." + pattern):
             alpha = value
+    if not (_finite_number(alpha) and 0 < alpha <= MAX_LORA_ALPHA):
+        raise UpdateError(f"{path / PEFT_CONFIG}: lora_alpha of {module} is {alpha!r}; it must be a finite number "
+                          f"in (0, {MAX_LORA_ALPHA:g}]: the adapter config is corrupt")
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -256,13 +333,14 @@ def load_update(path: str | Path) -> ReleasedUpdate:
     if not path.is_dir():
         raise UpdateError(f"{path} is not a folder; pass the folder that training_scripts saved")
     meta = _read_json(path / METADATA_FILE)
+    _check_metadata(path / METADATA_FILE, meta)
     kind = meta.get("kind")
     if kind not in UPDATE_KINDS:
         raise UpdateError(f"{path}: metadata kind is {kind!r}, expected one of {UPDATE_KINDS}")
     if kind == "full":
         if not (path / FULL_FILE).exists():
             raise UpdateError(f"{path}: {FULL_FILE} is missing")
-        tensors = load_file(str(path / FULL_FILE))
+        tensors = _read_tensors(path, path / FULL_FILE)
         _check_tensors(path, tensors)
         return ReleasedUpdate(path, kind, meta, full=tensors)
     config = _read_json(path / PEFT_CONFIG)
@@ -270,7 +348,7 @@ def load_update(path: str | Path) -> ReleasedUpdate:
         raise UpdateError(f"{path}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
     if not (path / PEFT_WEIGHTS).exists():
         raise UpdateError(f"{path}: {PEFT_WEIGHTS} is missing (only safetensors adapters are read)")
-    tensors = load_file(str(path / PEFT_WEIGHTS))
+    tensors = _read_tensors(path, path / PEFT_WEIGHTS)
     _check_tensors(path, tensors)
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -287,5 +365,9 @@ def load_update(path: str | Path) -> ReleasedUpdate:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise UpdateError(f"{path}: {module} has incompatible LoRA shapes A {tuple(A.shape)}, "
                               f"B {tuple(B.shape)} (need A r×n, B m×r)")
-        factors[f"{module}.weight"] = LoraFactors(A, B, _lora_scaling(config, module, A.shape[0]))
+        factors[f"{module}.weight"] = LoraFactors(A, B, _lora_scaling(path, config, module, A.shape[0]))
+        delta = factors[f"{module}.weight"].delta()
+        if not torch.isfinite(delta).all() or delta.abs().max() > MAX_DELTA:
+            raise UpdateError(f"{path}: {module}'s ΔW = scaling·B·A is not finite or exceeds {MAX_DELTA:g} in "
+                              f"magnitude; the adapter is corrupt (no trained update is that large)")
     return ReleasedUpdate(path, kind, meta, lora=factors)

@@ -12,8 +12,8 @@ from dataset.offline import cache_root
 from dataset.vision import VisionTask, load_vision_task
 from models.backbones import Backbone, build_backbone
 from models.classifier import ZeroShotClassifier, cached_head, prototype_head
-from models.pretrain import recipe_hash
-from models.updates import fingerprint
+from models.pretrain import RECIPES, base_folder, recipe_hash
+from models.updates import UpdateError, fingerprint
 
 
 @dataclass
@@ -31,6 +31,17 @@ def load_base(name: str, options: dict | None = None, device: torch.device | str
     for p in backbone.parameters():
         p.requires_grad_(False)
     return Base(backbone.to(device).eval(), fp, name, options)
+
+
+def base_is_built(name: str, options: dict | None = None) -> bool:
+    """Whether loading this base reads weights rather than pretraining (and caching) an offline base."""
+    if name not in RECIPES:
+        return True
+    try:
+        return (base_folder(name, **{k: v for k, v in (options or {}).items() if v is not None})
+                / "model.safetensors").exists()
+    except KeyError as e:
+        raise UpdateError(f"base {name}: {e.args[0]}") from None
 
 
 @dataclass(frozen=True)

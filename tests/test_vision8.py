@@ -116,7 +116,7 @@ def test_clip_lora_and_full_train_protected_and_plain_then_merge(tmp_path, fake_
     cfg = MergeConfig(target="gtsrb", protected=[str(runs["gtsrb-trap2"])], control=[str(runs["gtsrb-plain"])],
                       others=[str(runs["mnist-plain"])], merge_method="ties", merge_space="core", coef_stop=0.3,
                       method_grid=False, output_dir=str(tmp_path / "merge"), progress=False,
-                      data_root=str(fake_datasets))
+                      data_root=str(fake_datasets), base_options=tiny_hf_clip)
     summary = json.loads((run_merge_eval(cfg) / "summary.json").read_text())
     for scenario in ("protected", "control"):
         accs = summary["scenarios"][scenario]["test"]

@@ -1,7 +1,7 @@
 """python -m training_scripts --dataset gtsrb [--peft lora|full] [--lambda_reg 0.01] [--config file.yaml] ..."""
 from __future__ import annotations
 
-from training_scripts.config import TrainConfig, parse_run_config
+from training_scripts.config import TrainConfig, parse_run_config, run_cli
 from training_scripts.vision import train_vision
 
 
@@ -13,4 +13,4 @@ def main(argv=None, protected: bool | None = None, defaults: dict | None = None)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,7 +7,6 @@ step, so a resumed run replays exactly what an uninterrupted one would have done
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.storage import append_jsonl
 from models.updates import ScaledUpdate
 from training_scripts import distributed
 from training_scripts.objective import LossFn, Trap2Objective
@@ -81,15 +81,13 @@ SCHEDULES = {"cosine": cosine_with_warmup, "linear": linear_with_warmup}
 
 
 class MetricsLog:
-    """JSON lines, one flushed line per record, so a crash loses at most the line being written."""
+    """JSON lines, one record a write, so a crash loses at most the line being written (cut off on the next)."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def write(self, **record) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        append_jsonl(self.path, record)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -126,7 +124,11 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
     state = {"step": 0, "best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "seconds": 0.0}
     best_weights = [p.detach().clone() for p in trainable]
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # our own file, still no pickle
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # our own file, still no pickle
+        except Exception as e:  # truncated by a full disk or a kill mid-save (saves are atomic, copies are not)
+            raise ValueError(f"{ckpt_path} is unreadable ({type(e).__name__}); delete it to restart this run from "
+                             f"step 0, or pass --overwrite true") from None
         with torch.no_grad():
             for p, w, b in zip(trainable, ckpt["weights"], ckpt["best_weights"]):
                 p.copy_(w)

@@ -11,7 +11,6 @@ validation set, and gradients are averaged (training_scripts.distributed).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from models.causal_lm import CausalLM, load_causal_lm
 from models.runtime import pin_threads, provenance
 from models.updates import ScaledUpdate, save_update
 from training_scripts import distributed
-from training_scripts.config import RunConfig, config_dict, option, parse_run_config
+from training_scripts.config import RunConfig, config_dict, option, parse_run_config, run_cli
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
                                    resolve_device, seed_everything)
@@ -216,4 +215,4 @@ def main(argv=None, protected: bool | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

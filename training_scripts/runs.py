@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.storage import LOCK_FILE, FolderLock
 from models.updates import METADATA_FILE
 from training_scripts.config import RunConfig, config_dict
 from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp
@@ -29,16 +30,25 @@ def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
             if k not in ignored and saved.get(k, defaults.get(k)) != v}
 
 
+_LOCKS: dict[Path, FolderLock] = {}  # run folders this process writes
+
+
 def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
     """Prepares `out_dir` for `cfg`; True when it already holds this finished run (nothing to do).
 
     A folder holding another run (finished or interrupted) with other settings is refused rather
-    than silently reused; --overwrite replaces it. `write`: False on the non-main processes.
+    than silently reused; --overwrite replaces it. A folder another live process writes is refused,
+    --overwrite included. `write`: False on the non-main processes.
     """
+    if write:
+        release_run_dir(out_dir)  # this process's own earlier attempt, ended by an exception
+        _LOCKS[out_dir] = FolderLock(out_dir)
     finished = (out_dir / METADATA_FILE).exists() and not (out_dir / CHECKPOINT).exists()
     if cfg.overwrite and out_dir.exists():
         if write:
-            shutil.rmtree(out_dir)
+            for child in out_dir.iterdir():
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
     elif finished or (out_dir / CHECKPOINT).exists():
         meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
         saved = json.loads(meta_path.read_text())["config"] if meta_path.exists() else config_dict(cfg)
@@ -48,6 +58,7 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
                              f"to replace it or choose another --output_dir")
         if finished:
             print(f"{out_dir} already holds this finished update; pass --overwrite true to retrain")
+            release_run_dir(out_dir)
             return True
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,10 +66,17 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
     return False
 
 
+def release_run_dir(out_dir: Path) -> None:
+    lock = _LOCKS.pop(out_dir, None)
+    if lock is not None:
+        lock.release()
+
+
 def close_run_dir(out_dir: Path) -> None:
     """After the update and its metadata are saved: the checkpoint and settings file are spent."""
     (out_dir / CHECKPOINT).unlink(missing_ok=True)
     (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # the metadata now holds the settings
+    release_run_dir(out_dir)
 
 
 def seed_everything(seed: int) -> None:

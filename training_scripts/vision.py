@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dataset.vision import prefetched
 from models.runtime import pin_threads, provenance
-from models.updates import METADATA_FILE, ScaledUpdate, save_update
+from models.updates import ScaledUpdate, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_base, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
