@@ -31,6 +31,9 @@ from training_scripts.config import option
 from training_scripts.runs import resolve_device
 
 SCENARIOS = ("protected", "control")
+# Part of every logged point's key: bump it when the protocol changes what a point's numbers mean
+PROTOCOL_VERSION = 2
+LOCAL_DATA_FIELDS = {"data_root", "num_workers", "download"}  # where this machine keeps the data, not which data
 
 
 @dataclass
@@ -121,6 +124,8 @@ class MergeEvaluator:
         for u in updates:
             u.check_base(self.base.fingerprint, self.base_state)
         self.data = shared_data_settings(updates)
+        # what a logged point depends on besides the weights: the data every task is scored on
+        self.data_key = {k: v for k, v in dataclasses.asdict(self.data).items() if k not in LOCAL_DATA_FIELDS}
         self.tasks: dict[str, TaskEval] = {}
         for u in updates:
             name = u.task
@@ -150,13 +155,12 @@ class MergeEvaluator:
 def shared_data_settings(updates: list[ReleasedUpdate]) -> DataSettings:
     """The data every update of a merge was trained and evaluated on; they must agree, so that no one
     update's metadata (a released one, say) picks the splits, sizes or heads everybody is scored on."""
-    local = {"data_root", "num_workers", "download"}  # where this machine keeps the data, not which data
     first = None
     for u in updates:
         if not isinstance(u.metadata.get("config"), dict):
             raise UpdateError(f"{u.path}: its metadata holds no training config; save the update with training_scripts")
         settings = DataSettings.from_config(u.metadata["config"], suite=u.metadata.get("suite"))
-        recorded = {k: v for k, v in dataclasses.asdict(settings).items() if k not in local}
+        recorded = {k: v for k, v in dataclasses.asdict(settings).items() if k not in LOCAL_DATA_FIELDS}
         if first is None:
             first, first_settings = (u, recorded), settings
         elif recorded != first[1]:
@@ -200,7 +204,7 @@ def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: Poin
     def point(phase: str, c: float, params: dict, merger_: TaskMerger, task_coef: float = 1.0) -> float:
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
-                   val_limit=cfg.val_limit)
+                   val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks("val")
@@ -316,7 +320,8 @@ def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
     pre = {"zero_shot": {}, "alone": {}}
     for split in ("val", "test"):
         key = _key(phase="pre-merge", split=split, updates=[(str(u.path), u.content_hash) for u in all_updates],
-                   val_limit=cfg.val_limit if split == "val" else None)
+                   val_limit=cfg.val_limit if split == "val" else None, data=evaluator.data_key,
+                   protocol=PROTOCOL_VERSION)
         if key not in pre_log.done:
             evaluator.apply(None)
             rec = {"zero_shot": evaluator.all_tasks(split), "alone": {}}

@@ -39,6 +39,10 @@ class MathMergeEvaluator:
                 self.tasks[u.task] = load_math_task(u.task, data_root or cfg.get("data_root"), cfg["data_seed"],
                                                     cfg.get("split_sizes"))
                 self.max_new_tokens[u.task] = cfg["max_new_tokens"]
+        # what a logged point depends on besides the weights (see MergeEvaluator.data_key)
+        self.data_key = {u.task: {"data_seed": u.metadata["config"]["data_seed"], "max_new_tokens":
+                                  self.max_new_tokens[u.task], "split_sizes": u.metadata["config"].get("split_sizes")}
+                         for u in updates}
 
     def apply(self, merged: dict[str, torch.Tensor] | None, coefficient: float = 0.0) -> None:
         params = dict(self.net.named_parameters())

@@ -228,3 +228,20 @@ def test_a_truncated_checkpoint_says_how_to_recover(tmp_path):
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="delete it to restart"):
         train_vision(cfg)
+
+
+def test_points_of_other_evaluation_data_are_not_reused(trained_updates, tmp_path):
+    """A sweep folder rerun after the evaluation data changed (here the heads' shots) evaluates afresh."""
+    copies = {}
+    for name, path in trained_updates.items():
+        copies[name] = tmp_path / name
+        shutil.copytree(path, copies[name])
+    sweep = tmp_path / "sweep"
+    _merge(copies["gtsrb-trap2"], copies["gtsrb-plain"], [copies["mnist-plain"]], sweep)
+    first = len(read_jsonl(sweep / "points.jsonl"))
+    _merge(copies["gtsrb-trap2"], copies["gtsrb-plain"], [copies["mnist-plain"]], sweep)
+    assert len(read_jsonl(sweep / "points.jsonl")) == first  # same data: every point reused
+    for folder in copies.values():
+        _json(folder, METADATA_FILE, config={"head_shots": 2})
+    _merge(copies["gtsrb-trap2"], copies["gtsrb-plain"], [copies["mnist-plain"]], sweep)
+    assert len(read_jsonl(sweep / "points.jsonl")) == 2 * first
