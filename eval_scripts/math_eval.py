@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dataset.math import load_math_task
-from models.causal_lm import load_causal_lm
+from models.causal_lm import LM_RECIPES, load_causal_lm, offline_lm_is_built
 from models.updates import ReleasedUpdate, UpdateError, base_request
 from task_merger import apply_merged
 from training_scripts.math import accuracy
@@ -25,6 +25,10 @@ class MathMergeEvaluator:
                                   f"{u.metadata.get('suite')!r}) differs from {meta.get('base_model')!r} (math)")
         self.device, self.batch, self.val_limit, self.progress = device, eval_batch_size, val_limit, progress
         name, options = base_request(updates, base_options)
+        if base_options is None and name in LM_RECIPES and not offline_lm_is_built(name, **options):
+            raise UpdateError(f"{updates[0].path}: base {name} with options {options} is not built on this machine, "
+                              f"and an update may not start pretraining; build it first (the math trainer that "
+                              f"trained the update) or pass --base_options")
         self.lm = load_causal_lm(name, options, torch.bfloat16 if device.type == "cuda" else None)
         self.net = self.lm.model.to(device)
         state = self.net.state_dict()

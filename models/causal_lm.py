@@ -99,15 +99,24 @@ def _pretrain(recipe: dict, folder: Path, progress: bool) -> dict:
     return {"final_loss": round(loss.item(), 4)}
 
 
-def offline_lm_folder(name: str, progress: bool = True, **overrides) -> Path:
-    """The folder of the pretrained offline LM `name`, pretraining it first if it is not cached."""
+def _lm_recipe(name: str, **overrides) -> tuple[dict, Path]:
+    """The offline LM's recipe and the folder it is cached in."""
     if name not in LM_RECIPES:
         raise KeyError(f"no offline LM recipe {name!r}; choose one of {sorted(LM_RECIPES)}")
     unknown = set(overrides) - set(LM_RECIPES[name])
     if unknown:
         raise KeyError(f"unknown recipe fields {sorted(unknown)} for {name}")
     recipe = {**LM_RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
-    folder = cache_root() / "bases" / f"{name}-{recipe_hash(recipe)}"
+    return recipe, cache_root() / "bases" / f"{name}-{recipe_hash(recipe)}"
+
+
+def offline_lm_is_built(name: str, **overrides) -> bool:
+    return (_lm_recipe(name, **overrides)[1] / "recipe.json").exists()
+
+
+def offline_lm_folder(name: str, progress: bool = True, **overrides) -> Path:
+    """The folder of the pretrained offline LM `name`, pretraining it first if it is not cached."""
+    recipe, folder = _lm_recipe(name, **overrides)
     if not (folder / "recipe.json").exists():
         start = time.time()
         tmp = folder.with_name(folder.name + ".tmp")
