@@ -160,6 +160,20 @@ def test_bad_merge_options_are_refused_in_one_line(case, argv, message, capsys):
     assert message in err[-1]
 
 
+@pytest.mark.parametrize("text,message", [("lambda_reg: [0.1\n", "is not valid YAML"),
+                                          ("- 1\n- 2\n", "must hold a mapping"),
+                                          ("lambda_reg: 0.1\nevil: 1\n", "unknown options ['evil']")])
+def test_a_broken_yaml_config_is_named_in_one_line(text, message, tmp_path, capsys):
+    from training_scripts.config import TrainConfig, parse_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(path)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(path) in last and message in last
+
+
 def test_command_errors_are_one_line_without_a_traceback(tmp_path):
     """The command-line wrapper: one `error:` line and status 2; --debug shows the traceback."""
     bad = tmp_path / "update"

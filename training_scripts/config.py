@@ -184,7 +184,10 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
     if config_path is not None:
         if not config_path.exists():
             parser.error(f"config file {config_path} does not exist")
-        loaded = yaml.safe_load(config_path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            parser.error(f"{config_path} is not valid YAML: {' '.join(str(e).split())}")
         if not isinstance(loaded, dict):
             parser.error(f"{config_path} must hold a mapping of option: value")
         unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
