@@ -16,19 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
+from dataset.math_example import MathExample
+
 TASKS = ("gsm8k", "asdiv", "offline-gsm8k", "offline-asdiv")
-
-
-@dataclass(frozen=True)
-class MathExample:
-    question: str
-    target: str  # what the model learns to write: reasoning ending in "#### <answer>"
-    answer: str  # the reference answer
-
-    @property
-    def prompt(self) -> str:
-        return PROMPT.format(question=self.question)
 
 
 @dataclass

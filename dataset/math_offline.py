@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from dataset.math import MathExample
+from dataset.math_example import MathExample
 
 NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "Lily", "Noah"]
 ITEMS = ["apples", "stickers", "marbles", "cards", "shells", "pens", "books", "coins", "beads", "toys"]

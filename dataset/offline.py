@@ -12,15 +12,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from models.storage import atomic_path, cache_root
 
 IMAGE_SIZE = 32
 _SUPER = 2  # draw at 2× and average down: cheap anti-aliasing
@@ -585,11 +585,6 @@ TASKS: dict[str, tuple[list[str], Callable]] = {
 }
 
 
-def cache_root() -> Path:
-    """Where generated data, pretrained bases and heads are cached ($TRAP2_DATA, default ./data)."""
-    return Path(os.environ.get("TRAP2_DATA", Path(__file__).resolve().parent.parent / "data"))
-
-
 def load_offline_task(name: str, seed: int = 0, sizes: dict[str, int] | None = None,
                       cache: bool = True) -> OfflineTask:
     """Builds (or reads from data/offline/) one task's fixed train/val/test splits."""
@@ -608,8 +603,7 @@ def load_offline_task(name: str, seed: int = 0, sizes: dict[str, int] | None = N
             tensors[f"{split}.images"], tensors[f"{split}.labels"] = images.contiguous(), labels.contiguous()
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel runs may build one task
-            save_file(tensors, str(tmp))
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp))
     return OfflineTask(name, list(classes),
                        {s: tensors[f"{s}.images"] for s in SPLITS}, {s: tensors[f"{s}.labels"] for s in SPLITS})

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from dataset.offline import cache_root
+from models.storage import cache_root
 
 VAL_FRACTION = 0.2  # of the official test set, for the datasets without a validation split
 

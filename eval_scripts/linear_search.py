@@ -22,10 +22,10 @@ import torch
 
 from models.classifier import ZeroShotClassifier
 from models.runtime import pin_threads, provenance
-from models.storage import FolderLock, append_jsonl, read_jsonl
-from models.backbones import BACKBONES
+from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
+from models.backbones import BACKBONES, Base, load_base
 from models.updates import ReleasedUpdate, UpdateError, base_request, load_update
-from models.vision import Base, DataSettings, base_is_built, evaluate, load_base, load_task, task_head
+from models.vision import DataSettings, base_is_built, evaluate, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
 from training_scripts.config import option
 from training_scripts.runs import resolve_device
@@ -359,9 +359,8 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
 
 
 def _write_outputs(out: Path, cfg: MergeConfig, summary: dict, log: PointLog) -> None:
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     rows = []
     for scenario, res in summary["scenarios"].items():
         variants = [("global", res)] + ([("adaptive", res["adaptive"])] if "adaptive" in res else [])

@@ -6,7 +6,7 @@ Same options and protocol as python -m eval_scripts; the coefficient search star
 default c = 0.3 neighbourhood (0.1 … 2.0) and scores greedy-generation accuracy.
 """
 from eval_scripts.__main__ import main
-from training_scripts.config import run_cli
+from models.runtime import run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: main(defaults={"merge_method": "tv", "merge_space": "full", "coef_stop": 2.0,

@@ -11,7 +11,8 @@ from pathlib import Path
 from models.runtime import pin_threads
 from models.updates import load_update
 from models.vision import evaluate
-from training_scripts.config import option, parse_config, run_cli
+from training_scripts.config import option, parse_config
+from models.runtime import run_cli
 from training_scripts.runs import resolve_device
 
 

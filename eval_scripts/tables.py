@@ -18,7 +18,8 @@ from pathlib import Path
 
 from eval_scripts.grid import PAPER_METHODS
 from task_merger import MERGE_SPACES
-from training_scripts.config import option, parse_config, run_cli
+from training_scripts.config import option, parse_config
+from models.runtime import run_cli
 from training_scripts.objective import ScaleSampler
 
 

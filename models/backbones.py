@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.registry import Registry
+from models.updates import fingerprint
 
 TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 """texts -> their embeddings (n, d) in the image feature space (not normalised)."""
@@ -227,3 +228,20 @@ register_backbone(BackboneSpec(
     "OpenCLIP ConvNeXt-Base (wide), LAION-2B", options={"model_name": "convnext_base_w",
                                                         "pretrained": "laion2b_s13b_b82k"},
     preprocess=OpenClip.preprocess, text_encoder=OpenClip.text))
+
+
+@dataclass
+class Base:
+    backbone: Backbone
+    fingerprint: str
+    name: str
+    options: dict  # what build_backbone needs to rebuild exactly this base
+
+
+def load_base(name: str, options: dict | None = None, device: torch.device | str = "cpu") -> Base:
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    backbone = build_backbone(name, **options)
+    fp = fingerprint(backbone.net.state_dict())
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return Base(backbone.to(device).eval(), fp, name, options)

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dataset.offline import cache_root
 from models.pretrain import recipe_hash
+from models.runtime import run_cli
+from models.schedules import warmup_times_cosine
+from models.storage import atomic_path, cache_root
 from models.updates import fingerprint
 
 LM_RECIPES: dict[str, dict] = {
@@ -77,8 +79,7 @@ def _pretrain(recipe: dict, folder: Path, progress: bool) -> dict:
     texts = [ex.prompt + ex.target + tokenizer.eos_token for ex in corpus["train"]]
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.01, betas=(0.9, 0.98))
     steps, warmup = recipe["steps"], recipe["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(i, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_times_cosine, warmup=warmup, total=steps))
     gen = torch.Generator().manual_seed(recipe["seed"])
     model.train()
     bar = tqdm(range(steps), desc="pretraining offline-llama", disable=not progress)
@@ -119,11 +120,10 @@ def offline_lm_folder(name: str, progress: bool = True, **overrides) -> Path:
     recipe, folder = _lm_recipe(name, **overrides)
     if not (folder / "recipe.json").exists():
         start = time.time()
-        tmp = folder.with_name(folder.name + ".tmp")
-        stats = _pretrain(recipe, tmp, progress)
-        (tmp / "recipe.json").write_text(json.dumps({**recipe, **stats, "seconds": round(time.time() - start, 1)},
-                                                    indent=2))
-        tmp.replace(folder)
+        with atomic_path(folder) as tmp:
+            stats = _pretrain(recipe, tmp, progress)
+            (tmp / "recipe.json").write_text(json.dumps({**recipe, **stats, "seconds": round(time.time() - start, 1)},
+                                                        indent=2))
     return folder
 
 
@@ -163,4 +163,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

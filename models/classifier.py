@@ -6,7 +6,6 @@ class ("prototypes"), computed once per (base, task) and cached, so every run on
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbones import Backbone
+from models.storage import atomic_path
 
 LOGIT_SCALE = 100.0
 
@@ -50,9 +50,8 @@ def prototype_head(backbone: Backbone, images: torch.Tensor, labels: torch.Tenso
 def write_head(path: Path, head: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
     """Writes a head as safetensors atomically (a crash never leaves a half-written cache entry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel runs may build the same head
-    save_file({"head": head.contiguous()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"head": head.contiguous()}, str(tmp), metadata=metadata)
 
 
 def cached_head(path: Path, make) -> torch.Tensor:

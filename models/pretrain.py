@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,8 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dataset.offline import GENERATOR_VERSION, cache_root, load_offline_task
-from models.runtime import DETERMINISTIC_THREADS, pin_threads
+from dataset.offline import GENERATOR_VERSION, load_offline_task
+from models.runtime import DETERMINISTIC_THREADS, pin_threads, run_cli
+from models.schedules import warmup_times_cosine
+from models.storage import atomic_path, cache_root
 
 RECIPES: dict[str, dict] = {
     "offline-vit": dict(arch="hf-clip-vision", image_size=32, patch_size=8, hidden_size=128, intermediate_size=512,
@@ -103,8 +105,7 @@ def pretrain(recipe: dict, progress: bool = True) -> nn.Module:
     params = list(net.parameters()) + list(classifier.parameters())
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps, warmup = recipe["steps"], recipe["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(i, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_times_cosine, warmup=warmup, total=steps))
     gen = torch.Generator().manual_seed(recipe["seed"])
     net.train()
     bar = tqdm(range(steps), desc=f"pretraining {recipe['arch']}", disable=not progress)
@@ -145,12 +146,11 @@ def load_or_pretrain(name: str, progress: bool = True, **overrides) -> nn.Module
     start = time.time()
     net = pretrain(recipe, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    (folder / "recipe.json").write_text(json.dumps(
-        {**recipe, "pretext_val_accuracy": net.pretext_val_accuracy, "seconds": round(time.time() - start, 1)},
-        indent=2, default=list))
-    tmp.replace(weights)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        (folder / "recipe.json").write_text(json.dumps(
+            {**recipe, "pretext_val_accuracy": net.pretext_val_accuracy, "seconds": round(time.time() - start, 1)},
+            indent=2, default=list))
     return net
 
 
@@ -168,4 +168,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

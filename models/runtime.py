@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import platform
 import subprocess
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -105,3 +106,19 @@ def provenance(base_fingerprint: str | None = None) -> dict:
             "machine": platform.machine(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__}}
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Runs a command: a bad input, file or setting ends it with one line, `error: <what and how to fix it>`
+    (exit status 2), not a traceback; --debug (anywhere on the command line) shows the traceback."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        main()
+    except (ValueError, KeyError, OSError) as e:
+        if debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,10 +1,35 @@
-"""Files that several processes or a crash may touch: folder locks and append-only JSON-lines logs."""
+"""Files that several processes or a crash may touch: the cache root, atomic writes, folder locks and
+append-only JSON-lines logs. At the bottom of the import graph: it imports nothing of the project."""
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+
+def cache_root() -> Path:
+    """Where generated data, pretrained bases and heads are cached ($TRAP2_DATA, default ./data)."""
+    return Path(os.environ.get("TRAP2_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling to write (a file or a folder) that replaces `path` only once the block ends
+    without error, so a crash never leaves a half-written result; per process, as parallel runs may build
+    the same cache entry."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 LOCK_FILE = ".lock"
 

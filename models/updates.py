@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from models.storage import atomic_path
 
 METADATA_FILE = "trap2_update.json"
 FULL_FILE = "update.safetensors"
@@ -129,9 +130,8 @@ def fingerprint(state: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tenso
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_update(out_dir: str | Path, net: nn.Module, update: ScaledUpdate, metadata: dict,

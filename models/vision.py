@@ -8,29 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dataset.offline import cache_root
 from dataset.vision import VisionTask, load_vision_task
-from models.backbones import Backbone, build_backbone
+from models.backbones import Base
 from models.classifier import ZeroShotClassifier, cached_head, prototype_head
 from models.pretrain import RECIPES, base_folder, recipe_hash
-from models.updates import UpdateError, fingerprint
-
-
-@dataclass
-class Base:
-    backbone: Backbone
-    fingerprint: str
-    name: str
-    options: dict  # what build_backbone needs to rebuild exactly this base
-
-
-def load_base(name: str, options: dict | None = None, device: torch.device | str = "cpu") -> Base:
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    backbone = build_backbone(name, **options)
-    fp = fingerprint(backbone.net.state_dict())
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    return Base(backbone.to(device).eval(), fp, name, options)
+from models.storage import cache_root
+from models.updates import UpdateError
 
 
 def base_is_built(name: str, options: dict | None = None) -> bool:

@@ -13,7 +13,7 @@ from training_scripts.vision import train_vision
 def test_trained_update_is_a_peft_adapter_and_round_trips(trained_updates):
     from peft import PeftModel
 
-    from models.vision import load_base
+    from models.backbones import load_base
 
     path = trained_updates["gtsrb-trap2"]
     meta = json.loads((path / METADATA_FILE).read_text())
@@ -186,7 +186,7 @@ def test_rerun_with_other_settings_refuses_instead_of_silently_skipping(trained_
 
 
 def test_schedules_warm_up_then_decay_to_zero():
-    from training_scripts.loop import SCHEDULES
+    from models.schedules import SCHEDULES
 
     for name, f in SCHEDULES.items():
         assert f(0, 10, 100) == 0.1 and f(9, 10, 100) == 1.0, name
@@ -198,7 +198,8 @@ def test_schedules_warm_up_then_decay_to_zero():
 def test_heads_of_other_split_sizes_are_built_from_their_own_training_images(tmp_path, monkeypatch):
     from conftest import TINY_BASE
     from models.classifier import prototype_head
-    from models.vision import DataSettings, load_base, load_task, task_head
+    from models.backbones import load_base
+    from models.vision import DataSettings, load_task, task_head
 
     monkeypatch.setenv("TRAP2_DATA", str(tmp_path))
     base = load_base("offline-vit", TINY_BASE)

@@ -69,7 +69,7 @@ def test_head_generation_writes_one_normalised_head_per_dataset(fake_datasets, c
     import runpy
 
     from dataset.parsing.heads import head_path, main, read_head
-    from models.vision import load_base
+    from models.backbones import load_base
 
     base_options = request.getfixturevalue(options)
     argv = ["--base_options", json.dumps(base_options), "--data_root", str(fake_datasets), "--overwrite", "true"]
@@ -126,7 +126,7 @@ def test_clip_lora_and_full_train_protected_and_plain_then_merge(tmp_path, fake_
 def test_open_clip_convnext_lora_on_fc_layers(tmp_path, fake_datasets, tiny_open_clip):
     from peft import PeftModel
 
-    from models.vision import load_base
+    from models.backbones import load_base
 
     path = train_vision(TrainConfig(**_vision8_args(tmp_path, fake_datasets, tiny_open_clip, "dtd-trap2",
                                                     model="convnext-base-w", dataset="dtd", lambda_reg=0.1,
@@ -147,7 +147,8 @@ def test_open_clip_convnext_lora_on_fc_layers(tmp_path, fake_datasets, tiny_open
 
 def test_worker_prefetching_gives_the_same_batches(fake_datasets, tiny_hf_clip):
     from training_scripts.vision import StepBatches
-    from models.vision import DataSettings, load_base, load_task
+    from models.backbones import load_base
+    from models.vision import DataSettings, load_task
 
     base = load_base("clip-vit-b32", tiny_hf_clip)
     streams = []

@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -221,22 +220,6 @@ def parse_run_config(cls, argv=None, description: str = "", protected: bool | No
         raise SystemExit(f"error: this command trains a Trap²-protected update; --lambda_reg must be > 0, "
                          f"got {cfg.lambda_reg}")
     return cfg
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Runs a command: a bad input, file or setting ends it with one line, `error: <what and how to fix it>`
-    (exit status 2), not a traceback; --debug (anywhere on the command line) shows the traceback."""
-    debug = "--debug" in sys.argv
-    if debug:
-        sys.argv.remove("--debug")
-    try:
-        main()
-    except (ValueError, KeyError, OSError) as e:
-        if debug:
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def config_dict(cfg) -> dict:

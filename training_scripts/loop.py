@@ -8,7 +8,6 @@ step, so a resumed run replays exactly what an uninterrupted one would have done
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.storage import append_jsonl
+from models.schedules import SCHEDULES
+from models.storage import append_jsonl, atomic_path
 from models.updates import ScaledUpdate
 from training_scripts import distributed
 from training_scripts.objective import LossFn, Trap2Objective
@@ -64,22 +64,6 @@ def resolve_amp(amp: str, device: torch.device, auto_gpu: str = "fp16") -> str:
     return amp
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def linear_with_warmup(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-SCHEDULES = {"cosine": cosine_with_warmup, "linear": linear_with_warmup}
-
-
 class MetricsLog:
     """JSON lines, one record a write, so a crash loses at most the line being written (cut off on the next)."""
 
@@ -91,9 +75,8 @@ class MetricsLog:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, loss_fn: LossFn,

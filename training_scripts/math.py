@@ -24,7 +24,8 @@ from models.causal_lm import CausalLM, load_causal_lm
 from models.runtime import pin_threads, provenance
 from models.updates import ScaledUpdate, save_update
 from training_scripts import distributed
-from training_scripts.config import RunConfig, config_dict, option, parse_run_config, run_cli
+from training_scripts.config import RunConfig, config_dict, option, parse_run_config
+from models.runtime import run_cli
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
                                    resolve_device, seed_everything)

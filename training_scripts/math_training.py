@@ -1,6 +1,6 @@
 """The paper's command name: python -m training_scripts.math_training --task gsm8k (unprotected LoRA, λ = 0)."""
 from training_scripts.math import main
-from training_scripts.config import run_cli
+from models.runtime import run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: main(protected=False))

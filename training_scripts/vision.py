@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from dataset.vision import prefetched
 from models.runtime import pin_threads, provenance
 from models.updates import ScaledUpdate, save_update
-from models.vision import DataSettings, classifier_for, evaluate, load_base, load_task
+from models.backbones import load_base
+from models.vision import DataSettings, classifier_for, evaluate, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,

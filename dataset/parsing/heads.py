@@ -17,9 +17,9 @@ import yaml
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from dataset.offline import cache_root
+from models.storage import cache_root
 from dataset.vision8 import DATASETS, load_splits
-from models.backbones import TextEncoder, get_backbone_spec
+from models.backbones import TextEncoder, get_backbone_spec, load_base
 from models.classifier import write_head
 
 
@@ -72,8 +72,6 @@ def main(argv=None, default_model: str = "clip-vit-b32", family: str | None = No
         parser.error(f"{args.model} is a {spec.family} backbone; this command builds {family} heads")
     if spec.text_encoder is None:
         parser.error(f"{args.model} has no text tower (offline bases use prototype heads)")
-    from models.vision import load_base
-
     base = load_base(args.model, args.base_options)
     encoder = base.backbone.text_encoder()
     paths = []
