@@ -57,7 +57,8 @@ def build_workload(name: str):
     from models.backbones import Backbone, get_backbone_spec
     from models.classifier import ZeroShotClassifier
     from models.pretrain import build_architecture, recipe_for
-    from training_scripts.config import TrainConfig, parse_config
+    from models.options import parse_config
+    from training_scripts.config import TrainConfig
     from training_scripts.runs import build_objective
     from training_scripts.suite import SuiteConfig
     from training_scripts.vision import attach_update

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from eval_scripts.linear_search import MergeConfig, run_merge_eval
-from training_scripts.config import parse_config
+from models.options import parse_config
 from models.runtime import run_cli
 
 

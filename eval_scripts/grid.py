@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
-from models.runtime import default_jobs, run_jobs
+from models.options import option, parse_config
+from models.runtime import default_jobs, run_cli, run_jobs
 from task_merger import MERGE_SPACES, get_merge_method
-from training_scripts.config import option, parse_config
-from models.runtime import run_cli
 
 PAPER_METHODS = ["tv", "ties", "dare_ties", "tsv", "cart"]
 

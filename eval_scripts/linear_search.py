@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 
-from models.classifier import ZeroShotClassifier
-from models.runtime import pin_threads, provenance
-from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
 from models.backbones import BACKBONES, Base, load_base
+from models.classifier import ZeroShotClassifier
+from models.options import option
+from models.runtime import pin_threads, provenance, resolve_device
+from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
 from models.updates import ReleasedUpdate, UpdateError, base_request, load_update
 from models.vision import DataSettings, base_is_built, evaluate, load_task, task_head
 from task_merger import TaskMerger, apply_merged, get_merge_method
-from training_scripts.config import option
-from training_scripts.runs import resolve_device
 
 SCENARIOS = ("protected", "control")
 # Part of every logged point's key: bump it when the protocol changes what a point's numbers mean

@@ -26,10 +26,8 @@ from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.scaling_curve import CurveConfig, scaling_curve, write_curve
 from eval_scripts.tables import TablesConfig, build_tables
-from models.runtime import default_jobs, pin_threads, provenance
-from training_scripts.config import option, parse_config
-from models.runtime import run_cli
-from training_scripts.runs import resolve_device
+from models.options import option, parse_config
+from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
 from training_scripts.suite import SuiteConfig, default_results, run_dir, suite_seeds, train_suite
 
 # The claims, as issue 14 states them (points of accuracy, test split).

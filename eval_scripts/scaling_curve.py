@@ -8,12 +8,10 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.runtime import pin_threads
+from models.options import option, parse_config
+from models.runtime import pin_threads, resolve_device, run_cli
 from models.updates import load_update
 from models.vision import evaluate
-from training_scripts.config import option, parse_config
-from models.runtime import run_cli
-from training_scripts.runs import resolve_device
 
 
 @dataclass

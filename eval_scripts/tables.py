@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval_scripts.grid import PAPER_METHODS
-from task_merger import MERGE_SPACES
-from training_scripts.config import option, parse_config
+from models.options import option, parse_config
 from models.runtime import run_cli
+from task_merger import MERGE_SPACES
 from training_scripts.objective import ScaleSampler
 
 

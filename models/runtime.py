@@ -122,3 +122,12 @@ def run_cli(main: Callable[[], None]) -> None:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no GPU is visible; use --device cpu")
+    return device

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from training_scripts.config import RELEASE_LAMBDA, TrainConfig, parse_config
+from models.options import parse_config
+from training_scripts.config import RELEASE_LAMBDA, TrainConfig
 from training_scripts.runs import build_objective
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

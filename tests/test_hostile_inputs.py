@@ -164,7 +164,8 @@ def test_bad_merge_options_are_refused_in_one_line(case, argv, message, capsys):
                                           ("- 1\n- 2\n", "must hold a mapping"),
                                           ("lambda_reg: 0.1\nevil: 1\n", "unknown options ['evil']")])
 def test_a_broken_yaml_config_is_named_in_one_line(text, message, tmp_path, capsys):
-    from training_scripts.config import TrainConfig, parse_config
+    from models.options import parse_config
+    from training_scripts.config import TrainConfig
 
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_train_args
 from models.updates import METADATA_FILE, PEFT_WEIGHTS, UpdateError, load_update
-from training_scripts.config import TrainConfig, parse_config
+from models.options import parse_config
+from training_scripts.config import TrainConfig
 from training_scripts.vision import train_vision
 
 

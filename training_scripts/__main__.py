@@ -1,8 +1,8 @@
 """python -m training_scripts --dataset gtsrb [--peft lora|full] [--lambda_reg 0.01] [--config file.yaml] ..."""
 from __future__ import annotations
 
-from training_scripts.config import TrainConfig, parse_run_config
 from models.runtime import run_cli
+from training_scripts.config import TrainConfig, parse_run_config
 from training_scripts.vision import train_vision
 
 

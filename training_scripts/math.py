@@ -21,14 +21,14 @@ from tqdm.auto import tqdm
 
 from dataset.math import MathExample, MathTask, is_correct, load_math_task
 from models.causal_lm import CausalLM, load_causal_lm
-from models.runtime import pin_threads, provenance
+from models.options import option
+from models.runtime import pin_threads, provenance, resolve_device, run_cli
 from models.updates import ScaledUpdate, save_update
 from training_scripts import distributed
-from training_scripts.config import RunConfig, config_dict, option, parse_run_config
-from models.runtime import run_cli
+from training_scripts.config import RunConfig, config_dict, parse_run_config
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
-                                   resolve_device, seed_everything)
+                                   seed_everything)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

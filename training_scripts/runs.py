@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.storage import LOCK_FILE, FolderLock
+from models.storage import FolderLock, LOCK_FILE
 from models.updates import METADATA_FILE
 from training_scripts.config import RunConfig, config_dict
 from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp
@@ -84,15 +84,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no GPU is visible; use --device cpu")
-    return device
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

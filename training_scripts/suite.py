@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.offline import PAPER_TASKS
-from models.updates import METADATA_FILE
-from models.runtime import default_jobs, provenance, run_jobs
 from models.backbones import load_base
-from training_scripts.config import TrainConfig, option, parse_config
-from models.runtime import run_cli
+from models.options import option, parse_config
+from models.runtime import default_jobs, provenance, run_cli, run_jobs
+from models.updates import METADATA_FILE
+from training_scripts.config import TrainConfig
 from training_scripts.objective import ScaleSampler
 from training_scripts.vision import REPORT_SCALES, train_vision
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from dataset.vision import prefetched
-from models.runtime import pin_threads, provenance
-from models.updates import ScaledUpdate, save_update
 from models.backbones import load_base
+from models.runtime import pin_threads, provenance, resolve_device
+from models.updates import ScaledUpdate, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
-                                   resolve_device, seed_everything)
+                                   seed_everything)
 
 # peft asks transformers' deprecated spelling on every adapter it attaches; nothing for a user to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)

@@ -17,10 +17,10 @@ import yaml
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from models.storage import cache_root
 from dataset.vision8 import DATASETS, load_splits
 from models.backbones import TextEncoder, get_backbone_spec, load_base
 from models.classifier import write_head
+from models.storage import cache_root
 
 
 @torch.no_grad()
