@@ -38,7 +38,7 @@ def time_steps(net, update, objective, batch, steps: int) -> float:
 
     def loss_fn(forward, b):
         x, y = b
-        return F.cross_entropy(forward(pixel_values=x).image_embeds, y)
+        return F.cross_entropy(forward(pixel_values=x).image_embeds, y, reduction="none")
 
     for i in range(steps + 3):  # 3 warm-up steps
         if i == 3:

@@ -156,3 +156,16 @@ def test_real_gsm8k_and_asdiv_load_from_local_files_with_the_paper_splits(tmp_pa
     assert ex.target.splitlines()[-1] == f"#### {ex.answer}" and "(" not in ex.answer
     with pytest.raises(KeyError, match="unknown math task"):
         load_math_task("math500")
+
+
+def test_answer_token_losses_average_to_the_models_own_loss():
+    """The math LossFn gives one loss per answer token; their mean is the causal LM's loss on the batch."""
+    from models.causal_lm import load_causal_lm
+    from training_scripts.math import answer_token_losses, collate, encode
+
+    lm = load_causal_lm("offline-llama", TINY_LM)
+    task = load_math_task("offline-gsm8k", seed=0, sizes={"train": 6, "val": 2, "test": 2})
+    batch = collate([encode(ex, lm.tokenizer, 512) for ex in task.splits["train"][:4]], lm.tokenizer.pad_token_id)
+    losses = answer_token_losses(lm.model, batch)
+    assert losses.dim() == 1 and len(losses) == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(losses.mean(), lm.model(**batch).loss.float(), atol=1e-5)

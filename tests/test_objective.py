@@ -9,8 +9,9 @@ from training_scripts.objective import SCALE_WEIGHTS, ScaleSampler, Trap2Objecti
 
 
 def mse_loss(forward, batch):
+    """Per-example losses, as the objective requires (it averages them itself)."""
     x, y = batch
-    return ((forward(x) - y) ** 2).mean()
+    return ((forward(x) - y) ** 2).mean(1)
 
 
 def test_sampler_never_inside_band_and_covers_both_sides():
@@ -94,7 +95,7 @@ def test_lambda_zero_is_plain_gradient():
     Trap2Objective(0.0).backward(model, update, mse_loss, (x, y))
     g = model.weight.grad.clone()
     model.weight.grad = None
-    mse_loss(model, (x, y)).backward()
+    mse_loss(model, (x, y)).mean().backward()
     assert torch.equal(g, model.weight.grad)
 
 
@@ -109,7 +110,7 @@ def test_multiple_samples_average():
         Trap2Objective(0.5, fixed_scales=[s]).backward(model, update, mse_loss, (x, y))
         parts.append(model.weight.grad.clone())
     model.weight.grad = None
-    mse_loss(model, (x, y)).backward()
+    mse_loss(model, (x, y)).mean().backward()
     nominal = model.weight.grad
     assert torch.allclose(g_two, nominal + ((parts[0] - nominal) + (parts[1] - nominal)) / 2, atol=1e-6)
 
@@ -120,7 +121,7 @@ def test_both_passes_share_dropout_masks():
     update = ScaledUpdate.full(model)
 
     def loss(forward, batch):
-        return forward(batch).pow(2).mean()
+        return forward(batch).pow(2).mean(-1)
 
     masks = []
     hook = model[1].register_forward_hook(lambda m, i, o: masks.append((o == 0)))
@@ -212,7 +213,7 @@ def test_gradient_checkpointing_recomputes_with_the_rescaled_weights(kind):
         model.train()
         x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         Trap2Objective(0.5, fixed_scales=[0.3]).backward(
-            model, update, lambda m, b: m(pixel_values=b).image_embeds.pow(2).sum(), x)
+            model, update, lambda m, b: m(pixel_values=b).image_embeds.pow(2).sum(-1), x)
         grads.append({n: p.grad.clone() for n, p in update.params.items()})
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
@@ -233,3 +234,11 @@ def test_weights():
     with pytest.raises(ValueError):
         Trap2Objective(0.1, weight="square")
     assert math.isclose(SCALE_WEIGHTS["inv_sqrt"](2.0), 2 ** -0.5)
+
+
+def test_a_loss_that_is_not_per_example_is_refused():
+    """The objective owns the reduction and the cap; a pre-reduced loss would make the cap act on a batch."""
+    model, _, update = _toy("full")
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="one loss per example"):
+        Trap2Objective(0.5, fixed_scales=[0.5]).backward(model, update, lambda f, b: mse_loss(f, b).mean(), (x, y))

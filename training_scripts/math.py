@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dataset.math import MathExample, MathTask, is_correct, load_math_task
@@ -124,6 +125,15 @@ def accuracy(model, tokenizer, examples: list[MathExample], batch_size: int, max
     return total_correct / max(total, 1)
 
 
+def answer_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of each answer token (labels != -100), the causal LM's examples for the objective: their mean
+    is the model's own loss, and --off_loss_cap caps each token, as it caps each image in vision."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    answer = labels != -100
+    return F.cross_entropy(logits[answer].float(), labels[answer], reduction="none")
+
+
 class MicroBatches:
     """batch_at(i): micro-batch i of this process: epoch-wise seeded permutations, sharded by rank."""
 
@@ -175,7 +185,7 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     val = task.splits["val"][:cfg.val_limit] if cfg.val_limit else task.splits["val"]
 
     def loss_fn(model, batch):
-        return model(**batch).loss.float()
+        return answer_token_losses(model, batch)
 
     def evaluate() -> float:
         return accuracy(lm.model, tokenizer, val, cfg.eval_batch_size, cfg.max_new_tokens, device, cfg.progress)

@@ -139,8 +139,8 @@ class DropoutReplay:
 
 
 LossFn = Callable[[Callable[..., object], object], torch.Tensor]
-"""loss_fn(model, batch) -> the loss of each example (or one scalar); called with the update at s = 1,
-then re-scaled. The objective averages it."""
+"""loss_fn(model, batch) -> the loss of each example, a 1-D tensor (a causal LM's examples are its answer
+tokens); called with the update at s = 1, then re-scaled. The objective owns every reduction and the cap."""
 
 
 class Trap2Objective:
@@ -179,9 +179,17 @@ class Trap2Objective:
         same masks, drawn once). Not with gradient checkpointing: recomputation calls dropout again."""
         self.dropout_replay = DropoutReplay(model)
 
+    @staticmethod
+    def _per_example(losses: torch.Tensor) -> torch.Tensor:
+        if losses.dim() != 1:
+            raise ValueError(f"loss_fn must return one loss per example (a 1-D tensor), got shape "
+                             f"{tuple(losses.shape)}: the objective reduces and caps them itself")
+        return losses
+
     def _off_loss(self, losses: torch.Tensor) -> torch.Tensor:
         """Mean off-scale loss; with a cap, an example already broken past it stops pulling (the
         paper's term is unbounded, so late in training it keeps pushing broken examples further)."""
+        losses = self._per_example(losses)
         return (losses if self.off_loss_cap is None else losses.clamp(max=self.off_loss_cap)).mean()
 
     @property
@@ -205,7 +213,7 @@ class Trap2Objective:
         rng = RngSnapshot(device)
         with replay.recording() if replay else nullcontext():
             with autocast():
-                nominal = loss_fn(model, batch).mean()
+                nominal = self._per_example(loss_fn(model, batch)).mean()
             scale_loss(nominal).backward()
         metrics = {"loss": float(nominal.detach())}
         if not self.protects:

@@ -112,13 +112,9 @@ def train_vision(cfg: TrainConfig) -> Path:
         objective.replay_dropout(model)
     batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
 
-    # Per-example losses only where the cap needs them: the fused mean rounds differently from
-    # .mean() of the per-example losses, and uncapped runs stay bit-identical to the recorded ones.
-    reduction = "mean" if cfg.off_loss_cap is None else "none"
-
     def loss_fn(forward, batch):
         x, y = batch
-        return F.cross_entropy(forward(x).float(), y, reduction=reduction)
+        return F.cross_entropy(forward(x).float(), y, reduction="none")
 
     result = run_loop(model, update, objective, loss_fn, batch_at,
                       lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
