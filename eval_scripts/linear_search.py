@@ -191,6 +191,24 @@ def _key(**parts) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
+def patient_search(values, score, patience: int, start: tuple = (None, -1.0), on_point=None) -> tuple:
+    """Scores `values` in order and returns the best (value, score): a strictly higher score wins (of a tie
+    the first is kept), and the walk stops after `patience` points in a row without one."""
+    best_value, best_score = start
+    bad = 0
+    for value in values:
+        current = score(value)
+        if current > best_score:
+            best_value, best_score, bad = value, current, 0
+        else:
+            bad += 1
+        if on_point is not None:
+            on_point(value, best_value, best_score)
+        if bad >= patience:
+            break
+    return best_value, best_score
+
+
 def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
            scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None) -> dict:
     """Coefficient search, then the method grid, then (optionally) the adaptive target coefficient."""
@@ -213,17 +231,10 @@ def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: Poin
         return log.done[key]["score"]
 
     params = dict(method.defaults)
-    best_c, best_score, bad = None, -1.0, 0
     bar = tqdm(cfg.coefficients(), desc=f"{scenario} {cfg.merge_method}/{cfg.merge_space} c", disable=not cfg.progress)
-    for c in bar:
-        score = point("coefficient", c, params, merger)
-        if score > best_score:
-            best_c, best_score, bad = c, score, 0
-        else:
-            bad += 1
-        bar.set_postfix(c=c, best_c=best_c, score=f"{best_score:.1f}")
-        if bad >= cfg.patience:
-            break
+    best_c, best_score = patient_search(
+        bar, lambda c: point("coefficient", c, params, merger), cfg.patience,
+        on_point=lambda c, best, score: bar.set_postfix(c=c, best_c=best, score=f"{score:.1f}"))
     bar.close()
     if cfg.method_grid:
         for name, grid in method.grid.items():
@@ -240,16 +251,11 @@ def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: Poin
     result["fallbacks"] = sorted(set(merger.fallbacks))
 
     if cfg.adaptive and target_index is not None:
-        best_a, best_a_score, bad = 1.0, best_score, 0
-        for a in cfg.coefficients():
+        def adaptive_point(a: float) -> float:
             coefs = [a if i == target_index else 1.0 for i in range(len(updates))]
-            score = point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed), a)
-            if score > best_a_score:
-                best_a, best_a_score, bad = a, score, 0
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    break
+            return point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed), a)
+
+        best_a, best_a_score = patient_search(cfg.coefficients(), adaptive_point, cfg.patience, (1.0, best_score))
         coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
         evaluator.apply(TaskMerger(updates, cfg.merge_space, coefs, cfg.seed).merge(
             cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)

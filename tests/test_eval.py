@@ -205,3 +205,14 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path):
     for figure in ("merge-cells.png", "merge-size.png", "tables-tradeoff.png", "scaling_curve_gtsrb.png"):
         assert (folder / figure).stat().st_size > 1000
     assert (merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json").exists()
+
+
+def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():
+    from eval_scripts.linear_search import patient_search
+
+    surface = {0.1: 1.0, 0.2: 3.0, 0.3: 3.0, 0.4: 2.0, 0.5: 2.5, 0.6: 9.0}
+    seen = []
+    best = patient_search(surface, lambda c: seen.append(c) or surface[c], patience=3)
+    assert best == (0.2, 3.0) and seen == [0.1, 0.2, 0.3, 0.4, 0.5]  # 0.6 is never reached
+    assert patient_search(surface, surface.get, patience=4) == (0.6, 9.0)
+    assert patient_search([0.1], surface.get, patience=1, start=(1.0, 5.0)) == (1.0, 5.0)
