@@ -12,27 +12,21 @@ skips what is done, so an interrupted sweep resumes where it stopped.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from models.backbones import BACKBONES, Base, load_base
-from models.classifier import ZeroShotClassifier
+from eval_scripts.evaluators import Evaluator, evaluator_for
 from models.options import option
 from models.runtime import pin_threads, provenance, resolve_device
 from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
-from models.updates import ReleasedUpdate, UpdateError, base_request, load_update
-from models.vision import DataSettings, base_is_built, evaluate, load_task, task_head
-from task_merger import TaskMerger, apply_merged, get_merge_method
+from models.updates import ReleasedUpdate, UpdateError, load_update
+from task_merger import TaskMerger, get_merge_method
 
 SCENARIOS = ("protected", "control")
 # Part of every logged point's key: bump it when the protocol changes what a point's numbers mean
 PROTOCOL_VERSION = 2
-LOCAL_DATA_FIELDS = {"data_root", "num_workers", "download"}  # where this machine keeps the data, not which data
 
 
 @dataclass
@@ -80,14 +74,6 @@ class MergeConfig:
         return [round(self.coef_start + i * self.coef_step, 6) for i in range(n)]
 
 
-@dataclass
-class TaskEval:
-    name: str
-    classifier: ZeroShotClassifier
-    task: object
-    finetuned: dict[str, float] = field(default_factory=dict)  # split -> standalone accuracy
-
-
 class PointLog:
     """points.jsonl: one line per evaluated point, appended in a single write (resumable)."""
 
@@ -98,83 +84,6 @@ class PointLog:
     def write(self, record: dict) -> None:
         self.done[record["key"]] = record
         append_jsonl(self.path, record)
-
-
-class MergeEvaluator:
-    """Evaluates merges of updates of one base on those updates' tasks."""
-
-    def __init__(self, updates: list[ReleasedUpdate], device: torch.device, eval_batch_size: int = 512,
-                 val_limit: int | None = None, data_root: str | None = None, num_workers: int | None = None,
-                 base_options: dict | None = None):
-        name, options = base_request(updates, base_options, BACKBONES)
-        meta = updates[0].metadata
-        for u in updates:
-            if u.metadata.get("suite") != meta.get("suite"):
-                raise UpdateError(f"{u.path}: suite {u.metadata.get('suite')!r} differs from {updates[0].path}'s "
-                                  f"{meta.get('suite')!r}; merge updates of one suite")
-        self.device, self.batch, self.val_limit = device, eval_batch_size, val_limit
-        if base_options is None and not base_is_built(name, options):
-            raise UpdateError(f"{updates[0].path}: base {name} with options {options} is not built on this machine, "
-                              f"and an update may not start pretraining; build it first (the suite that trained "
-                              f"the update, or python -m models.pretrain) or pass --base_options")
-        self.base: Base = load_base(name, options, device)
-        self.net = self.base.backbone.net
-        self.base_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        for u in updates:
-            u.check_base(self.base.fingerprint, self.base_state)
-        self.data = shared_data_settings(updates)
-        # what a logged point depends on besides the weights: the data every task is scored on
-        self.data_key = {k: v for k, v in dataclasses.asdict(self.data).items() if k not in LOCAL_DATA_FIELDS}
-        self.tasks: dict[str, TaskEval] = {}
-        for u in updates:
-            name = u.task
-            if name in self.tasks:
-                continue
-            data = dataclasses.replace(self.data, **{k: v for k, v in (("data_root", data_root),
-                                                                         ("num_workers", num_workers)) if v is not None})
-            task = load_task(self.base, name, data)
-            head = task_head(self.base, task, data)
-            self.tasks[name] = TaskEval(name, ZeroShotClassifier(self.base.backbone, head.to(device)), task)
-
-    def accuracy(self, task: str, split: str) -> float:
-        limit = self.val_limit if split == "val" else None
-        return evaluate(self.tasks[task].classifier, self.tasks[task].task, split, self.batch, self.device,
-                        limit)["accuracy"]
-
-    def apply(self, merged: dict[str, torch.Tensor] | None, coefficient: float = 0.0) -> None:
-        self.net.load_state_dict(self.base_state)
-        check_finite(merged)
-        if merged:
-            apply_merged(self.net, self.base_state, merged, coefficient)
-
-    def all_tasks(self, split: str) -> dict[str, float]:
-        return {name: self.accuracy(name, split) for name in self.tasks}
-
-
-def shared_data_settings(updates: list[ReleasedUpdate]) -> DataSettings:
-    """The data every update of a merge was trained and evaluated on; they must agree, so that no one
-    update's metadata (a released one, say) picks the splits, sizes or heads everybody is scored on."""
-    first = None
-    for u in updates:
-        if not isinstance(u.metadata.get("config"), dict):
-            raise UpdateError(f"{u.path}: its metadata holds no training config; save the update with training_scripts")
-        settings = DataSettings.from_config(u.metadata["config"], suite=u.metadata.get("suite"))
-        recorded = {k: v for k, v in dataclasses.asdict(settings).items() if k not in LOCAL_DATA_FIELDS}
-        if first is None:
-            first, first_settings = (u, recorded), settings
-        elif recorded != first[1]:
-            diff = {k: (first[1][k], recorded[k]) for k in recorded if recorded[k] != first[1][k]}
-            raise UpdateError(f"{u.path}: its recorded data settings differ from {first[0].path}'s ({diff}); "
-                              f"updates of one merge must be trained on the same data")
-    return first_settings
-
-
-def check_finite(merged: dict[str, torch.Tensor] | None) -> None:
-    """A merge with NaN/Inf would score like a protection that works; stop instead of reporting it."""
-    for name, t in (merged or {}).items():
-        if not torch.isfinite(t).all():
-            raise UpdateError(f"the merged update of {name} holds NaN or Inf; one of the updates is corrupt "
-                              f"(the merge itself stays finite on finite inputs)")
 
 
 def normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -209,7 +118,7 @@ def patient_search(values, score, patience: int, start: tuple = (None, -1.0), on
     return best_value, best_score
 
 
-def search(evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
+def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
            scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None) -> dict:
     """Coefficient search, then the method grid, then (optionally) the adaptive target coefficient."""
     from tqdm.auto import tqdm
@@ -277,7 +186,7 @@ class MergeSetup:
     others: list[ReleasedUpdate]
     all_updates: list[ReleasedUpdate]  # every scenario's target updates, then the others
     out: Path
-    evaluator: object
+    evaluator: Evaluator
 
 
 def setup_merge(cfg: MergeConfig) -> MergeSetup:
@@ -304,14 +213,7 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
     device = resolve_device(cfg.device)
     pin_threads(device)
     all_updates = [u for ups in scenarios.values() for u in ups] + others
-    if first.metadata.get("suite") == "math":  # generation accuracy of a merged causal LM
-        from eval_scripts.math_eval import MathMergeEvaluator
-
-        evaluator = MathMergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
-                                       base_options=cfg.base_options)
-    else:
-        evaluator = MergeEvaluator(all_updates, device, cfg.eval_batch_size, cfg.val_limit, cfg.data_root,
-                                   cfg.num_workers, cfg.base_options)
+    evaluator = evaluator_for(all_updates, device, cfg)
     return MergeSetup(scenarios, others, all_updates, out, evaluator)
 
 

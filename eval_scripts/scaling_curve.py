@@ -33,14 +33,14 @@ class CurveConfig:
 
 
 def scaling_curve(cfg: CurveConfig) -> list[dict]:
-    from eval_scripts.linear_search import MergeEvaluator
+    from eval_scripts.evaluators import VisionEvaluator
 
     if not cfg.updates:
         raise ValueError("--updates needs at least one update folder")
     updates = [load_update(p) for p in cfg.updates]
     device = resolve_device(cfg.device)
     pin_threads(device)
-    evaluator = MergeEvaluator(updates, device, cfg.eval_batch_size, data_root=cfg.data_root,
+    evaluator = VisionEvaluator(updates, device, cfg.eval_batch_size, data_root=cfg.data_root,
                                base_options=cfg.base_options)
     rows = []
     for u in updates:

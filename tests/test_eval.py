@@ -43,20 +43,20 @@ def test_merge_eval_end_to_end_and_resume(trained_updates, tmp_path, method, spa
 
     # a rerun evaluates nothing new: every point is read back from points.jsonl
     lines_before = (out / "points.jsonl").read_text().count("\n")
-    import eval_scripts.linear_search as ls
+    import eval_scripts.evaluators as ev
 
     calls = []
-    original = ls.MergeEvaluator.all_tasks
+    original = ev.Evaluator.all_tasks
 
     def counting(self, split):
         calls.append(split)
         return original(self, split)
 
-    ls.MergeEvaluator.all_tasks = counting
+    ev.Evaluator.all_tasks = counting
     try:
         run_merge_eval(cfg)
     finally:
-        ls.MergeEvaluator.all_tasks = original
+        ev.Evaluator.all_tasks = original
     assert (out / "points.jsonl").read_text().count("\n") == lines_before
     assert all(split == "test" for split in calls)  # only the final test reports are recomputed
 
@@ -94,9 +94,9 @@ def test_evaluate_limit_counts_images_not_batches(trained_updates):
 
     from models.updates import load_update
     from models.vision import evaluate
-    from eval_scripts.linear_search import MergeEvaluator
+    from eval_scripts.evaluators import VisionEvaluator
 
-    ev = MergeEvaluator([load_update(trained_updates["gtsrb-plain"])], torch.device("cpu"), eval_batch_size=512)
+    ev = VisionEvaluator([load_update(trained_updates["gtsrb-plain"])], torch.device("cpu"), eval_batch_size=512)
     t = ev.tasks["gtsrb"]
     limited = evaluate(t.classifier, t.task, "val", 512, "cpu", limit=10)
     x, y = t.task.batch("val", torch.arange(10))

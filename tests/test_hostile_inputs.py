@@ -263,12 +263,12 @@ def test_points_of_other_evaluation_data_are_not_reused(trained_updates, tmp_pat
 
 
 def test_a_math_update_cannot_start_pretraining(tmp_path):
-    from eval_scripts.math_eval import MathMergeEvaluator
+    from eval_scripts.evaluators import MathEvaluator
     from models.updates import ReleasedUpdate
 
     meta = {"kind": "lora", "task": "offline-gsm8k", "suite": "math", "base_model": "offline-llama",
             "base_fingerprint": "0", "base_options": {"steps": 10**9}, "config": {}}
     bases = _bases()
     with pytest.raises(UpdateError, match="may not start pretraining"):
-        MathMergeEvaluator([ReleasedUpdate(tmp_path, "lora", meta)], torch.device("cpu"))
+        MathEvaluator([ReleasedUpdate(tmp_path, "lora", meta)], torch.device("cpu"))
     assert _bases() == bases
