@@ -150,3 +150,13 @@ def test_every_option_has_help_text(capsys):
         for f in dataclasses.fields(cls):
             assert len(f.metadata.get("help", "")) > 5, f"{cls.__name__}.{f.name} has no help text"
             assert " ".join(f.metadata["help"].split())[:40] in text, f"--{f.name} help missing from {cls.__name__}"
+
+
+def test_the_readme_protect_your_own_model_example_runs(capsys):
+    """The README's code block under 'Protect your own model' is run as written."""
+    text = (CONFIGS.parent / "README.md").read_text()
+    section = text[text.index("## Protect your own model"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "loss_off" in printed and "objective" in printed
