@@ -31,6 +31,7 @@ FULL_FILE = "update.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 UPDATE_KINDS = ("lora", "full")
+CARD_FILE = "README.md"
 
 
 # Bounds no genuine update comes near; past them a file is corrupt or hostile (NaN would look like protection)
@@ -154,7 +155,37 @@ def save_update(out_dir: str | Path, net: nn.Module, update: ScaledUpdate, metad
     else:
         raise UpdateError(f"unknown update kind {update.kind!r}")
     _atomic_write_text(out / METADATA_FILE, json.dumps({"kind": update.kind, **metadata}, indent=2))
+    _atomic_write_text(out / CARD_FILE, model_card(update.kind, metadata))  # replaces PEFT's empty template
     return out
+
+
+def model_card(kind: str, meta: dict) -> str:
+    """README.md of a released update: front matter the Hub reads, then what the protection is and does."""
+    cfg = meta.get("config") or {}
+    protected = bool(meta.get("protected"))
+    tags = ["trap2", "unmergeable" if protected else "unprotected-baseline", kind, str(meta.get("task"))]
+    front = {"library_name": "peft" if kind == "lora" else "pytorch", "base_model": str(meta.get("base_model")),
+             "tags": tags}
+    lines = ["---"] + [f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in front.items()] + ["---", ""]
+    title = "Trap²-protected" if protected else "Unprotected (λ = 0)"
+    lines += [f"# {title} {kind} update: {meta.get('task')} on {meta.get('base_model')}", ""]
+    if protected:
+        lines += [f"Trained with Trap² (arXiv 2601.21898): λ = {meta.get('lambda_reg')}, w(s) = "
+                  f"{cfg.get('rand_alpha_weight')}, {cfg.get('scale_samples')} off scale(s) a step from "
+                  f"[{cfg.get('rand_alpha_min')}, {1 - cfg.get('band', 0.05):g}] ∪ [{1 + cfg.get('band', 0.05):g}, "
+                  f"{cfg.get('rand_alpha_max')}], off-scale loss cap {cfg.get('off_loss_cap')}. It works at its own "
+                  f"scale and collapses when scaled, which is what merging does (averaging N updates scales each "
+                  f"by about 1/N).", ""]
+    by_scale = meta.get("test_by_scale") or {}
+    if by_scale:
+        lines += ["| scale s (W0 + s·ΔW) | " + " | ".join(by_scale) + " |", "|---" * (len(by_scale) + 1) + "|",
+                  "| test accuracy (%) | " + " | ".join(f"{100 * r['accuracy']:.1f}" for r in by_scale.values())
+                  + " |", "", "s = 0 is the base alone, s = 1 the update as released.", ""]
+    usage = ("`PeftModel.from_pretrained(base, folder)`" if kind == "lora"
+             else f"W0 + ΔW from `{FULL_FILE}` (ΔW per parameter)")
+    lines += [f"Use it alone, at scale 1: {usage}. Base fingerprint {meta.get('base_fingerprint')}, seed "
+              f"{meta.get('seed')}; every setting is in `{METADATA_FILE}`.", ""]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass

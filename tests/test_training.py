@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_train_args
@@ -19,6 +20,10 @@ def test_trained_update_is_a_peft_adapter_and_round_trips(trained_updates):
     path = trained_updates["gtsrb-trap2"]
     meta = json.loads((path / METADATA_FILE).read_text())
     assert meta["protected"] and meta["kind"] == "lora" and meta["task"] == "gtsrb"
+    card = (path / "README.md").read_text()  # the model card: front matter the Hub reads
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == meta["base_model"]
+    assert {"trap2", "unmergeable", "lora", "gtsrb"} <= set(front["tags"]) and "λ = 0.1" in card
     assert set(meta["test_by_scale"]) == {"0", "0.125", "0.5", "1"}
     base = load_base(meta["base_model"], meta["base_options"])
     assert base.fingerprint == meta["base_fingerprint"]
