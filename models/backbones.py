@@ -39,6 +39,14 @@ class BackboneSpec:
     preprocess: Callable[..., Preprocess] | None = None  # (net, **options); None: the tasks come as tensors
     text_encoder: Callable[..., TextEncoder] | None = None  # (**options); None: prototype heads stand in
 
+    @property
+    def projection(self) -> tuple[str, ...]:
+        """The parameters of the tower's output projection (into the image-text space)."""
+        return PROJECTIONS[self.family]
+
+
+PROJECTIONS = {"hf-clip": ("visual_projection.weight",), "open-clip": ("head.proj.weight",)}
+
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 register_backbone = BACKBONES.register

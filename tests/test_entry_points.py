@@ -160,3 +160,58 @@ def test_the_readme_protect_your_own_model_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "loss_off" in printed and "objective" in printed
+
+
+PAPER_VISION = sorted((CONFIGS / "vision8").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_VISION, ids=[p.stem for p in PAPER_VISION])
+def test_paper_configs_train_like_the_release(path, monkeypatch, tmp_path):
+    """Issue 15: the suite's plain runs get the release's plain-trainer optimiser, every run trains in fp32
+    with the release's LR horizon and the YAML's λ, and full fine-tuning freezes the projection; the plain
+    paper alias gets the same plain settings from the same YAML."""
+    import yaml
+
+    from training_scripts.suite import SuiteConfig, suite_runs
+
+    written = yaml.safe_load(path.read_text())
+    suite = parse_config(SuiteConfig, ["--config", str(path)])
+    runs = suite_runs(suite, ["gtsrb"])
+    protected, plain = runs
+    assert protected.lambda_reg == written["lambda_reg"] > 0 and plain.lambda_reg == 0
+    assert (plain.weight_decay, plain.beta2, plain.eps, plain.max_grad_norm) == (0.1, 0.999, 1e-8, None)
+    assert (protected.weight_decay, protected.beta2, protected.eps, protected.max_grad_norm) == (0.0, 0.98, 1e-6, 1.0)
+    for run in runs:
+        assert run.amp == "none" and run.schedule_steps == 100000
+        assert run.freeze_projection == (run.peft == "full")
+    captured = []
+    import training_scripts.__main__
+
+    monkeypatch.setattr(training_scripts.__main__, "train_vision", captured.append)
+    monkeypatch.setattr(sys, "argv", ["8vision_training", "--config", str(path), "--dataset", "gtsrb"])
+    runpy.run_module("training_scripts.8vision_training", run_name="__main__", alter_sys=False)
+    assert (captured[0].lambda_reg, captured[0].weight_decay, captured[0].max_grad_norm) == (0.0, 0.1, None)
+
+
+def test_frozen_projection_is_neither_trained_nor_released(tmp_path):
+    from conftest import tiny_train_args
+
+    from models.updates import load_update
+    from training_scripts.vision import train_vision
+
+    out = train_vision(TrainConfig(**tiny_train_args(tmp_path / "full", peft="full", lambda_reg=0.05, max_steps=2,
+                                                     eval_freq=2, freeze_projection=True)))
+    names = load_update(out).names()
+    assert names and "visual_projection.weight" not in names
+    assert any(n.startswith("vision_model.") for n in names)
+
+
+def test_no_clipping_and_the_schedule_horizon_reach_the_loop():
+    from models.runtime import resolve_device
+    from training_scripts.runs import loop_settings
+
+    cfg = TrainConfig(max_grad_norm=None, schedule_steps=100000, max_steps=10)
+    settings = loop_settings(cfg, resolve_device("cpu"))
+    assert settings.max_grad_norm is None and settings.schedule_steps == 100000
+    with pytest.raises(ValueError, match="unknown options"):
+        TrainConfig(unprotected={"weight_decayy": 0.1})

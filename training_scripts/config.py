@@ -40,7 +40,9 @@ class RunConfig:
     max_steps: int = option(10000, "optimiser steps at most")
     warmup_steps: int = option(500, "linear warm-up steps before the decay")
     schedule: str = option("cosine", "LR decay to 0 after warm-up: cosine or linear")
-    max_grad_norm: float = option(1.0, "gradient norm clip")
+    schedule_steps: int | None = option(
+        None, "steps the LR decay spans; default: max_steps (the release decays over 100,000 and stops early)")
+    max_grad_norm: float | None = option(1.0, "gradient norm clip; none: no clipping")
     eval_freq: int = option(2000, "steps between validation evaluations (and checkpoints)")
     patience: int = option(5, "evaluations without improvement before stopping early")
     min_delta: float = option(0.001, "smallest validation gain that counts as an improvement")
@@ -53,8 +55,19 @@ class RunConfig:
     output_dir: str | None = option(None, "run folder; default: runs/<suite>/<model>/<peft>/<task>-trap2|plain")
     overwrite: bool = option(False, "replace a finished or interrupted run in output_dir instead of refusing")
     progress: bool = option(True, "show a progress bar")
+    unprotected: dict | None = option(
+        None, "settings that replace these for an unprotected run (λ = 0), e.g. the release's plain-trainer "
+              "optimiser {weight_decay: 0.1, beta2: 0.999, eps: 1.0e-8, max_grad_norm: null}")
 
     def __post_init__(self) -> None:
+        if self.unprotected:
+            fields = {f.name for f in dataclasses.fields(self)} - {"lambda_reg", "unprotected"}
+            unknown = set(self.unprotected) - fields
+            if unknown:
+                raise ValueError(f"--unprotected names unknown options {sorted(unknown)}")
+            if self.lambda_reg == 0:
+                for name, value in self.unprotected.items():
+                    setattr(self, name, value)
         if self.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
         if self.schedule not in ("cosine", "linear"):
@@ -68,6 +81,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name} must be a finite number, got {value}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"--schedule_steps must be >= 1 (or none: max_steps), got {self.schedule_steps}")
         if self.lambda_reg < 0:
             raise ValueError(f"--lambda_reg must be >= 0 (0 trains the unprotected baseline), got {self.lambda_reg}")
 
@@ -90,6 +105,9 @@ class TrainConfig(RunConfig):
     model: str = option(
         "offline-vit", "backbone: offline-vit, offline-convnext, clip-vit-b32, clip-vit-l14, convnext-base-w")
     peft: str = option("lora", "lora or full (fine-tune every weight of the vision tower)")
+    freeze_projection: bool = option(
+        False, "full fine-tuning leaves the tower's output projection frozen (not trained, scaled or released), "
+               "as the release does")
     # data and heads
     data_seed: int = option(0, "seed of the data splits and generated images")
     head_shots: int = option(16, "images per class for the zero-shot head (offline suite)")

@@ -36,7 +36,7 @@ class LoopSettings:
     eps: float
     max_steps: int
     warmup_steps: int
-    max_grad_norm: float
+    max_grad_norm: float | None  # None: no clipping (the norm is still logged)
     eval_freq: int
     patience: int
     min_delta: float
@@ -44,6 +44,7 @@ class LoopSettings:
     progress: bool = True
     schedule: str = "cosine"  # cosine | linear
     grad_accum: int = 1  # micro-batches per step: batch_at(step * grad_accum + i)
+    schedule_steps: int | None = None  # the LR decay's span; None: max_steps
 
 
 @dataclass
@@ -94,7 +95,7 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay,
                                   betas=settings.betas, eps=settings.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(SCHEDULES[settings.schedule], warmup=settings.warmup_steps, total=settings.max_steps))
+        optimizer, partial(SCHEDULES[settings.schedule], warmup=settings.warmup_steps, total=settings.schedule_steps or settings.max_steps))
     scaler = torch.amp.GradScaler("cuda") if settings.amp == "fp16" else None
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -148,7 +149,8 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
         distributed.average_gradients(trainable)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            trainable, math.inf if settings.max_grad_norm is None else settings.max_grad_norm))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -104,4 +104,4 @@ def loop_settings(cfg: RunConfig, device: torch.device, auto_amp: str = "fp16") 
         max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
         eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
         amp=resolve_amp(cfg.amp, device, auto_amp), progress=cfg.progress, schedule=cfg.schedule,
-        grad_accum=cfg.grad_accum)
+        grad_accum=cfg.grad_accum, schedule_steps=cfg.schedule_steps)

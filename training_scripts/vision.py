@@ -38,8 +38,9 @@ def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=targets, bias="none"))
         return ScaledUpdate.lora(model)
-    for p in backbone.net.parameters():
-        p.requires_grad_(True)
+    frozen = set(backbone.spec.projection) if cfg.freeze_projection else set()
+    for name, p in backbone.net.named_parameters():
+        p.requires_grad_(name not in frozen)
     if cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
     return ScaledUpdate.full(model)
