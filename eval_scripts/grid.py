@@ -8,12 +8,14 @@ process each on one CPU thread (so the selected merges do not depend on the numb
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
 from models.options import option, parse_config
 from models.runtime import default_jobs, run_cli, run_jobs
+from models.updates import METADATA_FILE
 from task_merger import MERGE_SPACES, get_merge_method
 
 PAPER_METHODS = ["tv", "ties", "dare_ties", "tsv", "cart"]
@@ -33,6 +35,10 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
         get_merge_method(m)
     merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in merge_fields}
+    paths = [*(cfg.protected or ()), *(cfg.control or ()), *(cfg.others or ())]
+    if "core" in spaces and any(update_kind(p) == "full" for p in paths):
+        spaces = [s for s in spaces if s != "core"]
+        print("note: Core space needs LoRA factors; these are full updates, so its cells are skipped")
     cells = []
     for space in spaces:
         for method in methods:
@@ -41,6 +47,14 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
                 values["output_dir"] = f"{cfg.results_root}/{method}-{space}"
             cells.append(MergeConfig(**values))
     return cells
+
+
+def update_kind(folder: str) -> str | None:
+    """lora or full, as the update's metadata says (None if it cannot be read: loading will say why)."""
+    try:
+        return json.loads((Path(folder) / METADATA_FILE).read_text()).get("kind")
+    except (OSError, ValueError):
+        return None
 
 
 def _pre_merge(cell: MergeConfig) -> None:

@@ -43,6 +43,9 @@ class MergeConfig:
     coef_step: float = option(0.1, "step of the coefficient search")
     patience: int = option(10, "coefficients without improvement before the search stops")
     method_grid: bool = option(True, "search the method's own hyperparameters after c")
+    normalise: bool = option(
+        True, "select by mean accuracy normalised by each update's standalone one (vision); false: raw mean, "
+              "as the release scores math")
     adaptive: bool = option(False, "also search a separate coefficient for the target update (an adaptive attacker)")
     val_limit: int | None = option(None, "evaluate on the first N validation images per task (speed)")
     eval_batch_size: int = option(512, "batch size of evaluation")
@@ -91,6 +94,13 @@ def normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str
     return {t: 100 * a / max(finetuned[t][split], 1e-8) for t, a in accs.items()}
 
 
+def selection_score(accs: dict[str, float], finetuned: dict[str, dict[str, float]], normalise: bool) -> float:
+    """What the attacker maximises on validation: mean normalised accuracy, or the raw mean (in %)."""
+    if normalise:
+        return mean_normalised(accs, "val", finetuned)
+    return 100 * sum(accs.values()) / len(accs)
+
+
 def mean_normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> float:
     values = normalised(accs, split, finetuned)
     return sum(values.values()) / len(values)
@@ -130,13 +140,14 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
     def point(phase: str, c: float, params: dict, merger_: TaskMerger, task_coef: float = 1.0) -> float:
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
-                   val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION)
+                   val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION,
+                   normalise=cfg.normalise)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks("val")
             log.write({"key": key, "scenario": scenario, "phase": phase, "c": c, "params": params,
                        "target_coefficient": task_coef, "val": accs,
-                       "score": mean_normalised(accs, "val", finetuned)})
+                       "score": selection_score(accs, finetuned, cfg.normalise)})
         return log.done[key]["score"]
 
     params = dict(method.defaults)

@@ -216,3 +216,40 @@ def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():
     assert best == (0.2, 3.0) and seen == [0.1, 0.2, 0.3, 0.4, 0.5]  # 0.6 is never reached
     assert patient_search(surface, surface.get, patience=4) == (0.6, 9.0)
     assert patient_search([0.1], surface.get, patience=1, start=(1.0, 5.0)) == (1.0, 5.0)
+
+
+def test_raw_selection_can_prefer_another_merge_than_the_normalised_one():
+    """The release scores math by raw exact match: a task with a low standalone accuracy weighs more once
+    normalised, so the two scores can rank two merges differently."""
+    from eval_scripts.linear_search import selection_score
+
+    finetuned = {"easy": {"val": 0.9}, "hard": {"val": 0.1}}
+    a, b = {"easy": 0.8, "hard": 0.02}, {"easy": 0.5, "hard": 0.08}
+    assert selection_score(a, finetuned, normalise=False) > selection_score(b, finetuned, normalise=False)
+    assert selection_score(a, finetuned, normalise=True) < selection_score(b, finetuned, normalise=True)
+
+
+def test_the_math_alias_searches_past_two_with_raw_scores(monkeypatch):
+    import runpy
+    import sys
+
+    import eval_scripts.__main__ as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_merge_eval", seen.append)
+    monkeypatch.setattr(sys, "argv", ["math_pertask_linearsearch", "--target", "gsm8k"])
+    runpy.run_module("eval_scripts.math_pertask_linearsearch", run_name="__main__", alter_sys=False)
+    assert seen[0].coefficients()[-1] == 10.0 and seen[0].normalise is False
+
+
+def test_a_grid_of_full_updates_skips_core_space(tmp_path, capsys):
+    import json
+
+    from eval_scripts.grid import GridConfig, grid_cells
+
+    for name in ("p", "c", "o"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trap2_update.json").write_text(json.dumps({"kind": "full"}))
+    cells = grid_cells(GridConfig(target="gtsrb", protected=[str(tmp_path / "p")], control=[str(tmp_path / "c")],
+                                  others=[str(tmp_path / "o")]))
+    assert {c.merge_space for c in cells} == {"full", "knots"} and "Core space" in capsys.readouterr().out
