@@ -12,12 +12,11 @@ import torch
 
 from dataset.math import load_math_task
 from models.backbones import BACKBONES, Base, load_base
-from models.causal_lm import LM_RECIPES, load_causal_lm, offline_lm_is_built
+from models.causal_lm import LM_RECIPES, accuracy, load_causal_lm, offline_lm_is_built
 from models.classifier import ZeroShotClassifier
 from models.updates import ReleasedUpdate, UpdateError, base_request
 from models.vision import DataSettings, base_is_built, evaluate, load_task, task_head
 from task_merger import apply_merged
-from training_scripts.math import accuracy
 
 LOCAL_DATA_FIELDS = {"data_root", "num_workers", "download"}  # where this machine keeps the data, not which data
 

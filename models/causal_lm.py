@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dataset.math import is_correct
+from dataset.math_example import MathExample
+from models import distributed
 from models.pretrain import recipe_hash
 from models.runtime import run_cli
 from models.schedules import warmup_times_cosine
@@ -160,6 +163,35 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     folder = offline_lm_folder("offline-llama", steps=args.steps)
     print(f"offline-llama: {folder} {json.loads((folder / 'recipe.json').read_text())}")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device: torch.device,
+             progress: bool = False) -> list[str]:
+    """Greedy completions (left-padded batches), without the prompt, cut at EOS."""
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
+        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    tokenizer.padding_side = side
+    model.train(was_training)
+    return outputs
+
+
+def accuracy(model, tokenizer, examples: list[MathExample], batch_size: int, max_new_tokens: int,
+             device: torch.device, progress: bool = False) -> float:
+    """Generation accuracy; under several processes each scores its shard and the counts are summed."""
+    mine = examples[distributed.rank()::distributed.world_size()]
+    texts = generate(model, tokenizer, [ex.prompt for ex in mine], batch_size, max_new_tokens, device,
+                     progress and distributed.is_main())
+    correct = sum(is_correct(t, ex.answer) for t, ex in zip(texts, mine))
+    total_correct, total = distributed.sum_over_processes([correct, len(mine)], device)
+    return total_correct / max(total, 1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import hashlib
 import json
 import sys
 
-from training_scripts import distributed
+from models import distributed
 from training_scripts.math import MathConfig, train_math
 
 out, model_options = sys.argv[1], json.loads(sys.argv[2])

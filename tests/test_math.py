@@ -67,7 +67,7 @@ def test_offline_tasks_are_seeded_disjoint_and_in_gsm8k_format():
 
 
 def test_micro_batches_are_sharded_by_process(monkeypatch):
-    from training_scripts import distributed
+    from models import distributed
 
     encoded = [([i, i], [i, i]) for i in range(40)]
     seen = []

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from models.schedules import SCHEDULES
 from models.storage import append_jsonl, atomic_path
 from models.updates import ScaledUpdate
-from training_scripts import distributed
+from models import distributed
 from training_scripts.objective import LossFn, Trap2Objective
 
 CHECKPOINT = "checkpoint.pt"

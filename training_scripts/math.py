@@ -7,7 +7,7 @@
 The same objective and loop as the vision trainers; the loss covers the answer tokens only; the
 validation metric is greedy-generation accuracy (the answer after "####", compared numerically).
 Under torchrun / accelerate launch each process takes its own shard of every batch and of the
-validation set, and gradients are averaged (training_scripts.distributed).
+validation set, and gradients are averaged (models.distributed).
 """
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from dataset.math import MathExample, MathTask, is_correct, load_math_task
-from models.causal_lm import CausalLM, load_causal_lm
+from dataset.math import MathExample, MathTask, load_math_task
+from models import distributed
+from models.causal_lm import CausalLM, accuracy, load_causal_lm
 from models.options import option
 from models.runtime import pin_threads, provenance, resolve_device, run_cli
 from models.updates import ScaledUpdate, save_update
-from training_scripts import distributed
 from training_scripts.config import RunConfig, config_dict, parse_run_config
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
@@ -94,35 +93,6 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     for i, (a, b) in enumerate(pairs):
         ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device: torch.device,
-             progress: bool = False) -> list[str]:
-    """Greedy completions (left-padded batches), without the prompt, cut at EOS."""
-    was_training = model.training
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outputs = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
-        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    tokenizer.padding_side = side
-    model.train(was_training)
-    return outputs
-
-
-def accuracy(model, tokenizer, examples: list[MathExample], batch_size: int, max_new_tokens: int,
-             device: torch.device, progress: bool = False) -> float:
-    """Generation accuracy; under several processes each scores its shard and the counts are summed."""
-    mine = examples[distributed.rank()::distributed.world_size()]
-    texts = generate(model, tokenizer, [ex.prompt for ex in mine], batch_size, max_new_tokens, device,
-                     progress and distributed.is_main())
-    correct = sum(is_correct(t, ex.answer) for t, ex in zip(texts, mine))
-    total_correct, total = distributed.sum_over_processes([correct, len(mine)], device)
-    return total_correct / max(total, 1)
 
 
 def answer_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
