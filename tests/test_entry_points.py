@@ -152,12 +152,15 @@ def test_every_option_has_help_text(capsys):
             assert " ".join(f.metadata["help"].split())[:40] in text, f"--{f.name} help missing from {cls.__name__}"
 
 
-def test_the_readme_protect_your_own_model_example_runs(capsys):
-    """The README's code block under 'Protect your own model' is run as written."""
+def test_the_readme_protect_your_own_model_examples_run(capsys, tmp_path, monkeypatch):
+    """The README's code blocks under 'Protect your own model' run as written (own loop, then Trainer)."""
     text = (CONFIGS.parent / "README.md").read_text()
-    section = text[text.index("## Protect your own model"):]
-    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
-    exec(compile(code, "README.md", "exec"), {})
+    section = text[text.index("## Protect your own model"):text.index("## Train\n")]
+    blocks = [part.split("```", 1)[0] for part in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)  # the Trainer example writes under runs/
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "loss_off" in printed and "objective" in printed
 

@@ -93,6 +93,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def build_objective(cfg: RunConfig) -> Trap2Objective:
+    """The Trap² objective of a run's settings (any object with RunConfig's objective fields)."""
     return Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
                           cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1,
                           off_loss_cap=cfg.off_loss_cap)
