@@ -136,8 +136,12 @@ class TrainConfig(RunConfig):
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
-        tag = "trap2" if self.protected else "plain"
-        return Path("runs") / self.suite / self.model / self.peft / f"{self.dataset}-{tag}"
+        return Path("runs") / self.suite / self.model / self.peft / run_name(self.dataset, self.protected)
+
+
+def run_name(task: str, protected: bool) -> str:
+    """`<task>-trap2` or `<task>-plain`: the one spelling of a run folder's name."""
+    return f"{task}-{'trap2' if protected else 'plain'}"
 
 
 # The release's CLI default λ, in every trainer (reference spec §2)

@@ -25,7 +25,7 @@ from models.causal_lm import CausalLM, accuracy, load_causal_lm
 from models.options import option
 from models.runtime import pin_threads, provenance, resolve_device, run_cli
 from models.updates import ScaledUpdate, save_update
-from training_scripts.config import RunConfig, config_dict, parse_run_config
+from training_scripts.config import RunConfig, config_dict, parse_run_config, run_name
 from training_scripts.loop import run_loop
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
                                    seed_everything)
@@ -74,7 +74,7 @@ class MathConfig(RunConfig):
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
-        return Path("runs") / "math" / self.model.replace("/", "--") / f"{self.task}-{'trap2' if self.protected else 'plain'}"
+        return Path("runs") / "math" / self.model.replace("/", "--") / run_name(self.task, self.protected)
 
 
 def encode(example: MathExample, tokenizer, max_length: int) -> tuple[list[int], list[int]]:

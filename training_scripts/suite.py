@@ -19,7 +19,7 @@ from models.backbones import load_base
 from models.options import option, parse_config
 from models.runtime import default_jobs, provenance, run_cli, run_jobs
 from models.updates import METADATA_FILE
-from training_scripts.config import TrainConfig
+from training_scripts.config import TrainConfig, run_name
 from training_scripts.objective import ScaleSampler
 from training_scripts.vision import REPORT_SCALES, train_vision
 
@@ -54,7 +54,7 @@ def suite_seeds(cfg: SuiteConfig) -> list[int]:
 def run_dir(cfg: SuiteConfig, task: str, protected: bool, seed: int | None = None) -> Path:
     """`<task>-plain|trap2`, with `-seed<N>` for every seed but the config's own (so the main runs
     keep the names the merge configs point at)."""
-    name = f"{task}-{'trap2' if protected else 'plain'}"
+    name = run_name(task, protected)
     if seed is not None and seed != cfg.seed:
         name += f"-seed{seed}"
     return _suite_folder(Path(cfg.runs_root), cfg) / name
