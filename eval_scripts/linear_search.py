@@ -43,6 +43,14 @@ class MergeConfig:
     coef_step: float = option(0.1, "step of the coefficient search")
     patience: int = option(10, "coefficients without improvement before the search stops")
     method_grid: bool = option(True, "search the method's own hyperparameters after c")
+    search_rule: str = option(
+        "strict", "strict: a point must score strictly higher (the first of a tie is kept), a method grid must beat "
+                  "the best so far, top-K before DARE p (our offline results); release: a tie counts as an "
+                  "improvement (plateaus walked, the last tie kept), each method grid restarts its best, DARE p "
+                  "before top-K (the authors' release; the paper configs)")
+    normaliser: str = option(
+        "own", "own: each update's standalone accuracy on the same split; control: one constant per task, the "
+               "unprotected update's standalone test accuracy, for both splits and scenarios (the release)")
     normalise: bool = option(
         True, "select by mean accuracy normalised by each update's standalone one (vision); false: raw mean, "
               "as the release scores math")
@@ -69,6 +77,10 @@ class MergeConfig:
         for name in ("patience", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.search_rule not in ("strict", "release"):
+            raise ValueError(f"--search_rule must be strict or release, got {self.search_rule!r}")
+        if self.normaliser not in ("own", "control"):
+            raise ValueError(f"--normaliser must be own or control, got {self.normaliser!r}")
         if self.val_limit is not None and self.val_limit < 1:
             raise ValueError(f"--val_limit must be >= 1 (or none for the whole split), got {self.val_limit}")
 
@@ -110,14 +122,16 @@ def _key(**parts) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
-def patient_search(values, score, patience: int, start: tuple = (None, -1.0), on_point=None) -> tuple:
+def patient_search(values, score, patience: int, start: tuple = (None, -1.0), on_point=None,
+                   ties_improve: bool = False) -> tuple:
     """Scores `values` in order and returns the best (value, score): a strictly higher score wins (of a tie
-    the first is kept), and the walk stops after `patience` points in a row without one."""
+    the first is kept; with `ties_improve`, as the release does, a tie wins too, so plateaus are walked and
+    the last tie kept), and the walk stops after `patience` points in a row without a win."""
     best_value, best_score = start
     bad = 0
     for value in values:
         current = score(value)
-        if current > best_score:
+        if current > best_score or (ties_improve and current == best_score):
             best_value, best_score, bad = value, current, 0
         else:
             bad += 1
@@ -126,6 +140,28 @@ def patient_search(values, score, patience: int, start: tuple = (None, -1.0), on
         if bad >= patience:
             break
     return best_value, best_score
+
+
+RELEASE_GRID_ORDER = ("p", "top_k", "rank")  # the release: DARE p (top-K held), then top-K, then CART rank
+
+
+def method_grid_search(grid: dict[str, list], params: dict, best_score: float, score, rule: str) -> tuple[dict, float]:
+    """The method's own hyperparameters, one grid after the other at the chosen c (`score(name, params)`).
+    strict: in registry order,
+    a value must beat the best score so far; release: p, top-K, rank, each grid restarting its best from
+    zero and keeping the last tie."""
+    params = dict(params)
+    names = sorted(grid, key=RELEASE_GRID_ORDER.index) if rule == "release" else list(grid)
+    for name in names:
+        best_value = params[name]
+        if rule == "release":
+            best_score = -1.0
+        for value in grid[name]:
+            current = score(name, {**params, name: value})
+            if current > best_score or (rule == "release" and current == best_score):
+                best_score, best_value = current, value
+        params[name] = best_value
+    return params, best_score
 
 
 def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
@@ -141,7 +177,7 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
                    val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION,
-                   normalise=cfg.normalise)
+                   normalise=cfg.normalise, normaliser=cfg.normaliser)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks("val")
@@ -152,18 +188,15 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
 
     params = dict(method.defaults)
     bar = tqdm(cfg.coefficients(), desc=f"{scenario} {cfg.merge_method}/{cfg.merge_space} c", disable=not cfg.progress)
+    release = cfg.search_rule == "release"
     best_c, best_score = patient_search(
         bar, lambda c: point("coefficient", c, params, merger), cfg.patience,
-        on_point=lambda c, best, score: bar.set_postfix(c=c, best_c=best, score=f"{score:.1f}"))
+        on_point=lambda c, best, score: bar.set_postfix(c=c, best_c=best, score=f"{score:.1f}"), ties_improve=release)
     bar.close()
     if cfg.method_grid:
-        for name, grid in method.grid.items():
-            best_value = params[name]
-            for value in grid:
-                score = point(f"grid:{name}", best_c, {**params, name: value}, merger)
-                if score > best_score:
-                    best_score, best_value = score, value
-            params[name] = best_value
+        params, best_score = method_grid_search(
+            method.grid, params, best_score, lambda name, candidate: point(f"grid:{name}", best_c, candidate, merger),
+            cfg.search_rule)
     result = {"c": best_c, "params": params, "val_score": best_score, "target_coefficient": 1.0}
     evaluator.apply(merger.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
     result["test"] = evaluator.all_tasks("test")
@@ -175,7 +208,8 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
             coefs = [a if i == target_index else 1.0 for i in range(len(updates))]
             return point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed), a)
 
-        best_a, best_a_score = patient_search(cfg.coefficients(), adaptive_point, cfg.patience, (1.0, best_score))
+        best_a, best_a_score = patient_search(cfg.coefficients(), adaptive_point, cfg.patience, (1.0, best_score),
+                                              ties_improve=release)
         coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
         evaluator.apply(TaskMerger(updates, cfg.merge_space, coefs, cfg.seed).merge(
             cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
@@ -252,6 +286,21 @@ def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
     return pre
 
 
+def normalising_constants(pre: dict, merged: list[ReleasedUpdate], unprotected: list[ReleasedUpdate],
+                          rule: str) -> dict[str, dict[str, float]]:
+    """task -> split -> the accuracy a task's merged accuracy is divided by. own: each merged update's
+    standalone accuracy on that split; control: the unprotected update's standalone test accuracy of the
+    task, one constant for both splits and both scenarios (the release)."""
+    if rule == "own":
+        return {u.task: {s: pre["alone"][s][str(u.path)][u.task] for s in ("val", "test")} for u in merged}
+    by_task = {u.task: pre["alone"]["test"][str(u.path)][u.task] for u in unprotected}
+    missing = sorted({u.task for u in merged} - set(by_task))
+    if missing:
+        raise ValueError(f"--normaliser control needs an unprotected update of every task; missing {missing} "
+                         f"(give --control)")
+    return {u.task: {"val": by_task[u.task], "test": by_task[u.task]} for u in merged}
+
+
 def run_merge_eval(cfg: MergeConfig) -> Path:
     setup = setup_merge(cfg)
     lock = FolderLock(setup.out)  # one writer per sweep folder
@@ -264,8 +313,8 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
             if not ups:
                 continue
             merged_updates = ups + setup.others
-            finetuned = {u.task: {s: pre["alone"][s][str(u.path)][u.task] for s in ("val", "test")}
-                         for u in merged_updates}
+            finetuned = normalising_constants(pre, merged_updates, setup.scenarios["control"] + setup.others,
+                                              cfg.normaliser)
             res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
             res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
             res["updates"] = [str(u.path) for u in merged_updates]

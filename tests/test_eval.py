@@ -253,3 +253,46 @@ def test_a_grid_of_full_updates_skips_core_space(tmp_path, capsys):
     cells = grid_cells(GridConfig(target="gtsrb", protected=[str(tmp_path / "p")], control=[str(tmp_path / "c")],
                                   others=[str(tmp_path / "o")]))
     assert {c.merge_space for c in cells} == {"full", "knots"} and "Core space" in capsys.readouterr().out
+
+
+def test_release_search_walks_a_plateau_to_the_higher_peak():
+    from eval_scripts.linear_search import patient_search
+
+    surface = {0.1: 1.0, 0.2: 3.0, 0.3: 3.0, 0.4: 3.0, 0.5: 3.0, 0.6: 5.0}
+    assert patient_search(surface, surface.get, patience=3) == (0.2, 3.0)  # strict: stops on the plateau
+    assert patient_search(surface, surface.get, patience=3, ties_improve=True) == (0.6, 5.0)
+    flat = {0.1: 2.0, 0.2: 2.0, 0.3: 1.0}
+    assert patient_search(flat, flat.get, patience=5, ties_improve=True) == (0.2, 2.0)  # the last tie is kept
+
+
+def test_dare_ties_grid_order_selects_the_releases_choice():
+    """A surface with optima at (top-K 100, p 0.1) and (top-K 30, p 0.9): the release searches p first with
+    top-K held at 30 and lands on the second; our strict order (top-K first) lands on the first."""
+    from eval_scripts.linear_search import method_grid_search
+    from task_merger import get_merge_method
+
+    def surface(name, params):
+        return {(100.0, 0.1): 9.0, (30.0, 0.9): 8.0}.get((params["top_k"], params["p"]), 5.0 if params["top_k"] == 100 else 1.0)
+
+    method = get_merge_method("dare_ties")
+    start = dict(method.defaults)  # top-K 30, p 1e-5
+    release, _ = method_grid_search(method.grid, start, 4.0, surface, "release")
+    strict, _ = method_grid_search(method.grid, start, 4.0, surface, "strict")
+    assert (release["top_k"], release["p"]) == (30.0, 0.9)
+    assert (strict["top_k"], strict["p"]) == (100.0, 0.1)
+
+
+def test_release_normalisation_uses_fixed_per_task_constants():
+    from types import SimpleNamespace
+
+    from eval_scripts.linear_search import normalising_constants
+
+    prot, ctl, other = (SimpleNamespace(task=t, path=p) for t, p in (("gtsrb", "p"), ("gtsrb", "c"), ("mnist", "o")))
+    pre = {"alone": {"val": {"p": {"gtsrb": 0.5}, "c": {"gtsrb": 0.8}, "o": {"mnist": 0.9}},
+                     "test": {"p": {"gtsrb": 0.4}, "c": {"gtsrb": 0.7}, "o": {"mnist": 0.95}}}}
+    own = normalising_constants(pre, [prot, other], [ctl, other], "own")
+    fixed = normalising_constants(pre, [prot, other], [ctl, other], "control")
+    assert own["gtsrb"] == {"val": 0.5, "test": 0.4}  # the protected update's own, per split
+    assert fixed == {"gtsrb": {"val": 0.7, "test": 0.7}, "mnist": {"val": 0.95, "test": 0.95}}
+    with pytest.raises(ValueError, match="--control"):
+        normalising_constants(pre, [prot, other], [other], "control")
