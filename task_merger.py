@@ -131,11 +131,15 @@ def cart(deltas: Tensors, rank: float = 0.04, beta: float = 0.1) -> torch.Tensor
 
 
 def isotropize(m: torch.Tensor) -> torch.Tensor:
-    """Replaces the singular values of a merged matrix by their mean."""
+    """Replaces the non-zero singular values of a merged matrix by their mean (as the release does: the
+    directions a merge does not span stay empty)."""
     if m.dim() < 2:
         return m
     u, s, vh = _svd(_as_matrix(m))
-    return ((u * s.mean()) @ vh).to(m.dtype).reshape(m.shape)
+    keep = s > SINGULAR_FLOOR
+    if not keep.any():
+        return m
+    return ((u[:, keep] * s[keep].mean()) @ vh[keep]).to(m.dtype).reshape(m.shape)
 
 
 @dataclass(frozen=True)
@@ -313,8 +317,9 @@ class TaskMerger:
                 kwargs = dict(params)
                 if spec.seeded:
                     kwargs["generator"] = torch.Generator().manual_seed(_layer_seed(self.seed, name))
-                delta = d.reconstruct(spec.fn(d.coords, **kwargs))
-                merged[name] = isotropize(delta) if isotropic else delta
+                coords = spec.fn(d.coords, **kwargs)
+                # isotropized in the space's own coordinates (Core: the small core matrix), then rebuilt
+                merged[name] = d.reconstruct(isotropize(coords) if isotropic else coords)
             self._merged[key] = merged
         return self._merged[key]
 

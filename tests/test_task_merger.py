@@ -124,6 +124,14 @@ def test_isotropize_flattens_spectrum():
     assert torch.allclose(s, torch.full_like(s, torch.linalg.svdvals(m).mean()), atol=1e-5)
 
 
+def test_isotropize_averages_only_the_nonzero_singular_values():
+    """As the release: a rank-2 merge stays rank 2, its two singular values replaced by their mean (the
+    averaged-over-all rule would shrink them and fill the directions the merge does not span)."""
+    m = torch.randn(8, 2) @ torch.randn(2, 6)
+    s, iso = torch.linalg.svdvals(m), torch.linalg.svdvals(tm.isotropize(m))
+    assert torch.allclose(iso[:2], s[:2].mean().expand(2), atol=1e-5) and (iso[2:] < 1e-5).all()
+
+
 def test_full_updates_vectors_fall_back_explicitly_and_core_refuses():
     ups = full_updates()
     merger = tm.TaskMerger(ups, "knots")
@@ -188,3 +196,13 @@ def test_apply_merged_sets_base_plus_coefficient():
     merged = {"weight": torch.randn(12, 10)}
     tm.apply_merged(net, base, merged, 0.3)
     assert torch.allclose(net.weight, base["weight"] + 0.3 * merged["weight"])
+
+
+def test_isotropized_core_merge_stays_in_the_adapters_span():
+    """Core space isotropizes the small core matrix before rebuilding, so the merge keeps the adapters' rank."""
+    ups = lora_updates()
+    merged = tm.TaskMerger(ups, "core").merge("tv", isotropic=True)
+    for name, delta in merged.items():
+        if delta.dim() == 2:
+            rank = sum(u.lora[name].A.shape[0] for u in ups if name in u.lora)
+            assert int((torch.linalg.svdvals(delta) > 1e-4).sum()) <= rank
