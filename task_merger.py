@@ -34,11 +34,12 @@ def mean(deltas: Tensors) -> torch.Tensor:
     return torch.stack(list(deltas)).mean(0)
 
 
-def trim_top_k(delta: torch.Tensor, top_k: float) -> torch.Tensor:
-    """Keeps the top_k % entries of largest magnitude (of the whole flattened tensor)."""
+def trim_top_k(delta: torch.Tensor, top_k: float, one_more: bool = False) -> torch.Tensor:
+    """Keeps the top_k % entries of largest magnitude (of the whole flattened tensor): int(d·K) of them, as
+    the reference spec says, or int(d·K) + 1 with `one_more`, as the authors' code does."""
     if not 0 < top_k <= 100:
         raise ValueError(f"top_k is a percentage in (0, 100], got {top_k}")
-    k = int(delta.numel() * top_k / 100)
+    k = int(delta.numel() * top_k / 100) + (1 if one_more else 0)
     if k >= delta.numel():
         return delta.clone()
     flat = delta.flatten()
@@ -58,8 +59,8 @@ def elect_and_disjoint_mean(pruned: Tensors) -> torch.Tensor:
     return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def ties(deltas: Tensors, top_k: float = 30.0) -> torch.Tensor:
-    return elect_and_disjoint_mean([trim_top_k(d, top_k) for d in deltas])
+def ties(deltas: Tensors, top_k: float = 30.0, one_more: bool = False) -> torch.Tensor:
+    return elect_and_disjoint_mean([trim_top_k(d, top_k, one_more) for d in deltas])
 
 
 def dare_mask(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -76,9 +77,9 @@ def dare(deltas: Tensors, p: float = 1e-5, generator: torch.Generator | None = N
 
 
 def dare_ties(deltas: Tensors, p: float = 1e-5, top_k: float = 30.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, one_more: bool = False) -> torch.Tensor:
     generator = generator or torch.Generator().manual_seed(0)
-    return ties([dare_mask(d, p, generator) for d in deltas], top_k)
+    return ties([dare_mask(d, p, generator) for d in deltas], top_k, one_more)
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,7 @@ class MergeMethod:
     defaults: dict = field(default_factory=dict)
     grid: dict[str, tuple] = field(default_factory=dict)  # searched after c, in this order
     seeded: bool = False
+    trims: bool = False  # keeps the top-K entries: takes the trim rule (one_more)
     description: str = ""
 
 
@@ -162,12 +164,12 @@ CART_RANK_GRID = (0.04, 0.08, 0.16, 0.32)
 
 register_merge_method(MergeMethod("tv", task_arithmetic, description="Task Arithmetic: sum of updates"))
 register_merge_method(MergeMethod("mean", mean, description="average of updates"))
-register_merge_method(MergeMethod("ties", ties, {"top_k": 30.0}, {"top_k": TOP_K_GRID},
+register_merge_method(MergeMethod("ties", ties, {"top_k": 30.0}, {"top_k": TOP_K_GRID}, trims=True,
                                   description="TIES: trim top-K %, elect sign, disjoint mean"))
 register_merge_method(MergeMethod("dare", dare, {"p": 1e-5}, {"p": DARE_P_GRID}, seeded=True,
                                   description="DARE: random drop p, rescale, sum"))
 register_merge_method(MergeMethod("dare_ties", dare_ties, {"p": 1e-5, "top_k": 30.0},
-                                  {"top_k": TOP_K_GRID, "p": DARE_P_GRID}, seeded=True,
+                                  {"top_k": TOP_K_GRID, "p": DARE_P_GRID}, seeded=True, trims=True,
                                   description="DARE masks, then TIES"))
 register_merge_method(MergeMethod("tsv", tsv, description="Task Singular Vectors"))
 register_merge_method(MergeMethod("cart", cart, {"rank": 0.04, "beta": 0.1}, {"rank": CART_RANK_GRID},
@@ -263,7 +265,7 @@ class TaskMerger:
     """
 
     def __init__(self, updates: Sequence[ReleasedUpdate], space: str = "full",
-                 task_coefficients: Sequence[float] | None = None, seed: int = 0):
+                 task_coefficients: Sequence[float] | None = None, seed: int = 0, trim_one_more: bool = False):
         if not updates:
             raise ValueError("nothing to merge: pass at least one update")
         if space not in MERGE_SPACES:
@@ -275,7 +277,7 @@ class TaskMerger:
         coefficients = list(task_coefficients) if task_coefficients is not None else [1.0] * len(updates)
         if len(coefficients) != len(updates):
             raise ValueError(f"{len(coefficients)} task coefficients for {len(updates)} updates")
-        self.updates, self.space, self.seed = list(updates), space, seed
+        self.updates, self.space, self.seed, self.trim_one_more = list(updates), space, seed, trim_one_more
         self.task_coefficients = coefficients
         self.names = sorted(set().union(*(u.names() for u in updates)))
         self.fallbacks: list[str] = []
@@ -317,6 +319,8 @@ class TaskMerger:
                 kwargs = dict(params)
                 if spec.seeded:
                     kwargs["generator"] = torch.Generator().manual_seed(_layer_seed(self.seed, name))
+                if spec.trims:
+                    kwargs["one_more"] = self.trim_one_more
                 coords = spec.fn(d.coords, **kwargs)
                 # isotropized in the space's own coordinates (Core: the small core matrix), then rebuilt
                 merged[name] = d.reconstruct(isotropize(coords) if isotropic else coords)

@@ -48,6 +48,9 @@ class MergeConfig:
                   "the best so far, top-K before DARE p (our offline results); release: a tie counts as an "
                   "improvement (plateaus walked, the last tie kept), each method grid restarts its best, DARE p "
                   "before top-K (the authors' release; the paper configs)")
+    ties_trim: str = option(
+        "spec", "spec: TIES keeps int(d·K) entries per tensor (the reference spec); release: int(d·K) + 1, "
+                "as the authors' code (the paper configs)")
     normaliser: str = option(
         "own", "own: each update's standalone accuracy on the same split; control: one constant per task, the "
                "unprotected update's standalone test accuracy, for both splits and scenarios (the release)")
@@ -79,6 +82,8 @@ class MergeConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.search_rule not in ("strict", "release"):
             raise ValueError(f"--search_rule must be strict or release, got {self.search_rule!r}")
+        if self.ties_trim not in ("spec", "release"):
+            raise ValueError(f"--ties_trim must be spec or release, got {self.ties_trim!r}")
         if self.normaliser not in ("own", "control"):
             raise ValueError(f"--normaliser must be own or control, got {self.normaliser!r}")
         if self.val_limit is not None and self.val_limit < 1:
@@ -170,14 +175,15 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
     from tqdm.auto import tqdm
 
     method = get_merge_method(cfg.merge_method)
-    merger = TaskMerger(updates, cfg.merge_space, seed=cfg.seed)
+    one_more = cfg.ties_trim == "release"
+    merger = TaskMerger(updates, cfg.merge_space, seed=cfg.seed, trim_one_more=one_more)
     identity = [u.content_hash for u in updates]  # a retrained update in the same folder is not a logged one
 
     def point(phase: str, c: float, params: dict, merger_: TaskMerger, task_coef: float = 1.0) -> float:
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
                    val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION,
-                   normalise=cfg.normalise, normaliser=cfg.normaliser)
+                   normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks("val")
@@ -206,12 +212,12 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
     if cfg.adaptive and target_index is not None:
         def adaptive_point(a: float) -> float:
             coefs = [a if i == target_index else 1.0 for i in range(len(updates))]
-            return point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed), a)
+            return point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed, one_more), a)
 
         best_a, best_a_score = patient_search(cfg.coefficients(), adaptive_point, cfg.patience, (1.0, best_score),
                                               ties_improve=release)
         coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
-        evaluator.apply(TaskMerger(updates, cfg.merge_space, coefs, cfg.seed).merge(
+        evaluator.apply(TaskMerger(updates, cfg.merge_space, coefs, cfg.seed, one_more).merge(
             cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
         test = evaluator.all_tasks("test")
         result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score, "test": test,

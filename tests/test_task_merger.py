@@ -206,3 +206,13 @@ def test_isotropized_core_merge_stays_in_the_adapters_span():
         if delta.dim() == 2:
             rank = sum(u.lora[name].A.shape[0] for u in ups if name in u.lora)
             assert int((torch.linalg.svdvals(delta) > 1e-4).sum()) <= rank
+
+
+def test_ties_trim_keeps_one_more_entry_under_the_release_rule():
+    delta = torch.arange(1.0, 11.0)  # 10 entries, top 30 %: int(3.0) = 3 by the spec, 4 by the release's code
+    assert int((tm.trim_top_k(delta, 30.0) != 0).sum()) == 3
+    assert int((tm.trim_top_k(delta, 30.0, one_more=True) != 0).sum()) == 4
+    ups = lora_updates()
+    spec = tm.TaskMerger(ups, "full").merge("ties", top_k=30.0)
+    release = tm.TaskMerger(ups, "full", trim_one_more=True).merge("ties", top_k=30.0)
+    assert any(not torch.equal(spec[n], release[n]) for n in spec)
