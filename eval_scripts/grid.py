@@ -67,7 +67,8 @@ def run_cells(cells: list[MergeConfig], jobs: int) -> None:
     firsts = {}
     for cell in cells:
         folder = str(Path(cell.output_dir).parent) if cell.output_dir else None
-        key = (cell.target, tuple(cell.protected or ()), tuple(cell.control or ()), tuple(cell.others or ()), folder)
+        key = (cell.target, tuple(cell.protected or ()), tuple(cell.control or ()), tuple(cell.others or ()),
+               tuple(cell.protected_others or ()), folder)
         firsts.setdefault(key, dataclasses.replace(cell, progress=False))
     run_jobs(_pre_merge, list(firsts.values()), jobs, f"pre-merge passes of {len(firsts)} merge sets",
              lambda cell: f"{cell.target} + {len(cell.others or ())} others")

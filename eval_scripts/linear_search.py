@@ -35,6 +35,9 @@ class MergeConfig:
     protected: list[str] | None = option(None, "the protected target update folder(s)")
     control: list[str] | None = option(None, "the unprotected target update folder(s), for the all-unprotected control")
     others: list[str] | None = option(None, "unprotected update folders of the other tasks")
+    protected_others: list[str] | None = option(
+        None, "protected updates of the other tasks, used instead of `others` in the protected scenario (the "
+              "release's math scenario protects both adapters); the control keeps `others`")
     merge_method: str = option("tv", "tv, ties, dare_ties, tsv, cart (or any registered method)")
     merge_space: str = option("full", "full, knots or core")
     isotropize: bool = option(False, "replace each merged matrix's singular values by their mean (Iso-C)")
@@ -234,7 +237,7 @@ class MergeSetup:
     """What every cell of a merge config shares: its updates, output folder and evaluator."""
 
     scenarios: dict[str, list[ReleasedUpdate]]
-    others: list[ReleasedUpdate]
+    others: dict[str, list[ReleasedUpdate]]  # the other tasks' updates merged in each scenario
     all_updates: list[ReleasedUpdate]  # every scenario's target updates, then the others
     out: Path
     evaluator: Evaluator
@@ -257,15 +260,24 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
     for u in others:
         if u.protected:
             raise UpdateError(f"{u.path}: the other tasks' updates must be unprotected (lambda_reg = 0)")
+    protected_others = _load_all(cfg.protected_others)
+    for u in protected_others:
+        if not u.protected:
+            raise UpdateError(f"{u.path}: listed in --protected_others but its lambda_reg is "
+                              f"{u.metadata.get('lambda_reg')}")
+    if protected_others and sorted(u.task for u in protected_others) != sorted(u.task for u in others):
+        raise ValueError(f"--protected_others must cover the tasks of --others "
+                         f"({sorted(u.task for u in others)}), got {sorted(u.task for u in protected_others)}")
     first = next(iter(scenarios["protected"] or scenarios["control"]))
     out = Path(cfg.output_dir or Path("results") / first.metadata["suite"] / first.metadata["base_model"] /
                first.kind / cfg.target / f"{cfg.merge_method}-{cfg.merge_space}{'-iso' if cfg.isotropize else ''}")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     pin_threads(device)
-    all_updates = [u for ups in scenarios.values() for u in ups] + others
+    all_updates = [u for ups in scenarios.values() for u in ups] + others + protected_others
     evaluator = evaluator_for(all_updates, device, cfg)
-    return MergeSetup(scenarios, others, all_updates, out, evaluator)
+    return MergeSetup(scenarios, {"protected": protected_others or others, "control": others}, all_updates, out,
+                      evaluator)
 
 
 def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
@@ -318,9 +330,9 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
         for name, ups in setup.scenarios.items():
             if not ups:
                 continue
-            merged_updates = ups + setup.others
-            finetuned = normalising_constants(pre, merged_updates, setup.scenarios["control"] + setup.others,
-                                              cfg.normaliser)
+            merged_updates = ups + setup.others[name]
+            unprotected = setup.scenarios["control"] + setup.others["control"]
+            finetuned = normalising_constants(pre, merged_updates, unprotected, cfg.normaliser)
             res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
             res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
             res["updates"] = [str(u.path) for u in merged_updates]

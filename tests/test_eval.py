@@ -296,3 +296,22 @@ def test_release_normalisation_uses_fixed_per_task_constants():
     assert fixed == {"gtsrb": {"val": 0.7, "test": 0.7}, "mnist": {"val": 0.95, "test": 0.95}}
     with pytest.raises(ValueError, match="--control"):
         normalising_constants(pre, [prot, other], [other], "control")
+
+
+def test_protected_others_replace_the_others_in_the_protected_scenario_only(trained_updates, tmp_path):
+    """The release's math scenario protects both adapters: the protected scenario merges the other task's
+    protected update, the control its plain one."""
+    from conftest import tiny_train_args
+
+    from training_scripts.config import TrainConfig
+    from training_scripts.vision import train_vision
+
+    mnist_trap2 = train_vision(TrainConfig(**tiny_train_args(tmp_path / "mnist-trap2", dataset="mnist",
+                                                             lambda_reg=0.1)))
+    cfg = merge_cfg(trained_updates, tmp_path, protected_others=[str(mnist_trap2)], coef_stop=0.3)
+    summary = json.loads((run_merge_eval(cfg) / "summary.json").read_text())
+    assert summary["scenarios"]["protected"]["updates"][1] == str(mnist_trap2)
+    assert summary["scenarios"]["control"]["updates"][1] == str(trained_updates["mnist-plain"])
+    with pytest.raises(UpdateError, match="protected_others"):
+        run_merge_eval(merge_cfg(trained_updates, tmp_path / "bad",
+                                 protected_others=[str(trained_updates["mnist-plain"])]))
