@@ -169,3 +169,21 @@ def test_answer_token_losses_average_to_the_models_own_loss():
     losses = answer_token_losses(lm.model, batch)
     assert losses.dim() == 1 and len(losses) == int((batch["labels"][:, 1:] != -100).sum())
     assert torch.allclose(losses.mean(), lm.model(**batch).loss.float(), atol=1e-5)
+
+
+def test_release_math_training_options(tmp_path):
+    """Left padding keeps the same answer tokens (and their loss, up to rounding); stopping on validation loss
+    trains, keeps a checkpoint and reports."""
+    from models.causal_lm import load_causal_lm
+    from training_scripts.math import answer_token_losses, collate, encode, validation_loss
+
+    lm = load_causal_lm("offline-llama", TINY_LM)
+    task = load_math_task("offline-gsm8k", seed=0, sizes={"train": 6, "val": 2, "test": 2})
+    pairs = [encode(ex, lm.tokenizer, 512) for ex in task.splits["train"][:3]]
+    right, left = collate(pairs, lm.tokenizer.pad_token_id), collate(pairs, lm.tokenizer.pad_token_id, left=True)
+    assert (left["attention_mask"][:, -1] == 1).all() and (right["attention_mask"][:, 0] == 1).all()
+    assert torch.equal(right["labels"][right["labels"] != -100], left["labels"][left["labels"] != -100])
+    loss = validation_loss(lm.model, pairs, 2, lm.tokenizer.pad_token_id, torch.device("cpu"))
+    assert abs(loss - float(answer_token_losses(lm.model, right).mean())) < 1e-5
+    out = train_math(_args(tmp_path, "run", task="offline-gsm8k", lambda_reg=0.05, stop_on="loss", padding_side="left"))
+    assert json.loads((out / "trap2_update.json").read_text())["config"]["stop_on"] == "loss"

@@ -45,6 +45,10 @@ class MathConfig(RunConfig):
     data_root: str | None = option(None, "where the math datasets lie")
     data_seed: int = option(42, "seed of the data splits")
     split_sizes: dict[str, int] | None = option(None, "caps (real tasks) or generated sizes (offline stand-ins)")
+    stop_on: str = option(
+        "accuracy", "validation metric for early stopping and the kept checkpoint: accuracy (greedy exact match) "
+                    "or loss (answer-token cross-entropy, as the release)")
+    padding_side: str = option("right", "where training batches are padded: right, or left as the release")
     max_length: int = option(512, "longest prompt + answer in tokens")
     max_new_tokens: int = option(256, "tokens generated per answer at evaluation")
     val_limit: int | None = option(None, "validation problems per evaluation (generation is the slow part)")
@@ -66,6 +70,10 @@ class MathConfig(RunConfig):
         super().__post_init__()
         if self.max_length < 8 or self.max_new_tokens < 1:
             raise ValueError("--max_length must be >= 8 and --max_new_tokens >= 1")
+        if self.stop_on not in ("accuracy", "loss"):
+            raise ValueError(f"--stop_on must be accuracy or loss, got {self.stop_on!r}")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"--padding_side must be right or left, got {self.padding_side!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -85,14 +93,29 @@ def encode(example: MathExample, tokenizer, max_length: int) -> tuple[list[int],
     return ids[:max_length], labels[:max_length]
 
 
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """A padded batch (on the right, or on the left as the release's math training pads)."""
     width = max(len(ids) for ids, _ in pairs)
     ids = torch.full((len(pairs), width), pad_id)
     labels = torch.full((len(pairs), width), -100)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)
     for i, (a, b) in enumerate(pairs):
-        ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+        place = slice(width - len(a), width) if left else slice(0, len(a))
+        ids[i, place], labels[i, place], mask[i, place] = torch.tensor(a), torch.tensor(b), 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def validation_loss(model, encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                    device: torch.device, left: bool = False) -> float:
+    """Mean answer-token cross-entropy over the validation examples (the release's stopping metric)."""
+    was_training = model.training
+    model.eval()
+    losses = [answer_token_losses(model, {n: t.to(device) for n, t in collate(encoded[i:i + batch_size], pad_id,
+                                                                             left).items()})
+              for i in range(0, len(encoded), batch_size)]
+    model.train(was_training)
+    return float(torch.cat(losses).mean())
 
 
 def answer_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,8 +131,9 @@ class MicroBatches:
     """batch_at(i): micro-batch i of this process: epoch-wise seeded permutations, sharded by rank."""
 
     def __init__(self, encoded: list[tuple[list[int], list[int]]], batch_size: int, seed: int, pad_id: int,
-                 device: torch.device):
+                 device: torch.device, left: bool = False):
         self.encoded, self.batch_size, self.seed, self.pad_id, self.device = encoded, batch_size, seed, pad_id, device
+        self.left = left
         self.per_epoch = max(1, len(encoded) // batch_size)
         self.order: tuple[int, torch.Tensor] | None = None
 
@@ -119,7 +143,8 @@ class MicroBatches:
         if self.order is None or self.order[0] != epoch:
             self.order = (epoch, epoch_order(len(self.encoded), self.seed, epoch))
         picks = self.order[1][k * self.batch_size:(k + 1) * self.batch_size].tolist()
-        return {n: t.to(self.device) for n, t in collate([self.encoded[i] for i in picks], self.pad_id).items()}
+        return {n: t.to(self.device)
+                for n, t in collate([self.encoded[i] for i in picks], self.pad_id, self.left).items()}
 
 
 def attach_lora(lm: CausalLM, cfg: MathConfig) -> ScaledUpdate:
@@ -157,11 +182,19 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     def loss_fn(model, batch):
         return answer_token_losses(model, batch)
 
-    def evaluate() -> float:
+    left = cfg.padding_side == "left"
+    encoded_val = [encode(ex, tokenizer, cfg.max_length) for ex in val]
+
+    def score_val_accuracy() -> float:
         return accuracy(lm.model, tokenizer, val, cfg.eval_batch_size, cfg.max_new_tokens, device, cfg.progress)
 
+    def evaluate() -> float:  # higher is better: the loop keeps the best and stops early on it
+        if cfg.stop_on == "loss":
+            return -validation_loss(lm.model, encoded_val, cfg.eval_batch_size, tokenizer.pad_token_id, device, left)
+        return score_val_accuracy()
+
     result = run_loop(lm.model, update, build_objective(cfg), loss_fn,
-                      MicroBatches(encoded, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, device), evaluate,
+                      MicroBatches(encoded, cfg.batch_size, cfg.seed, tokenizer.pad_token_id, device, left), evaluate,
                       loop_settings(cfg, device, auto_amp="bf16"), out_dir, device, on_step)
     test_by_scale = {}
     for s in cfg.report_scales:
@@ -169,7 +202,7 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
             test_by_scale[f"{s:g}"] = {"accuracy": accuracy(lm.model, tokenizer, task.splits["test"],
                                                             cfg.eval_batch_size, cfg.max_new_tokens, device,
                                                             cfg.progress)}
-    val_accuracy = evaluate()
+    val_accuracy = score_val_accuracy()
     if main:
         metadata = {
             "task": cfg.task, "suite": "math", "base_model": cfg.model, "base_options": lm.options,
