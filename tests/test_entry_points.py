@@ -218,3 +218,15 @@ def test_no_clipping_and_the_schedule_horizon_reach_the_loop():
     assert settings.max_grad_norm is None and settings.schedule_steps == 100000
     with pytest.raises(ValueError, match="unknown options"):
         TrainConfig(unprotected={"weight_decayy": 0.1})
+
+
+def test_the_paper_math_configs_follow_the_release():
+    from eval_scripts.grid import GridConfig
+    from training_scripts.math import MathConfig
+
+    train = parse_config(MathConfig, ["--config", str(CONFIGS / "math/llama31_8b.yaml"), "--task", "gsm8k"])
+    assert (train.weight_decay, train.warmup_steps, train.schedule_steps, train.patience) == (0.01, 2000, 100000, 10)
+    assert (train.stop_on, train.padding_side, train.model_dtype) == ("loss", "left", "fp16")
+    merge = parse_config(GridConfig, ["--config", str(CONFIGS / "merge/llama31_8b_gsm8k.yaml")])
+    assert merge.coefficients()[-1] == 10.0 and merge.normalise is False and merge.search_rule == "release"
+    assert merge.protected_others and merge.others

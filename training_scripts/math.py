@@ -45,6 +45,8 @@ class MathConfig(RunConfig):
     data_root: str | None = option(None, "where the math datasets lie")
     data_seed: int = option(42, "seed of the data splits")
     split_sizes: dict[str, int] | None = option(None, "caps (real tasks) or generated sizes (offline stand-ins)")
+    model_dtype: str = option("auto", "dtype the LLM is loaded in: auto (bf16 on GPU, fp32 on CPU), fp16 (as the "
+                                      "release), bf16 or fp32")
     stop_on: str = option(
         "accuracy", "validation metric for early stopping and the kept checkpoint: accuracy (greedy exact match) "
                     "or loss (answer-token cross-entropy, as the release)")
@@ -70,6 +72,8 @@ class MathConfig(RunConfig):
         super().__post_init__()
         if self.max_length < 8 or self.max_new_tokens < 1:
             raise ValueError("--max_length must be >= 8 and --max_new_tokens >= 1")
+        if self.model_dtype not in ("auto", "fp16", "bf16", "fp32"):
+            raise ValueError(f"--model_dtype must be auto, fp16, bf16 or fp32, got {self.model_dtype!r}")
         if self.stop_on not in ("accuracy", "loss"):
             raise ValueError(f"--stop_on must be accuracy or loss, got {self.stop_on!r}")
         if self.padding_side not in ("right", "left"):
@@ -171,7 +175,9 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     distributed.barrier()
     task: MathTask = load_math_task(cfg.task, cfg.data_root, cfg.data_seed, cfg.split_sizes)
     seed_everything(cfg.seed)
-    lm = load_causal_lm(cfg.model, cfg.model_options, torch.bfloat16 if device.type == "cuda" else None)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = dtypes.get(cfg.model_dtype, torch.bfloat16 if device.type == "cuda" else None)
+    lm = load_causal_lm(cfg.model, cfg.model_options, dtype)
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on what loading consumed
     update = attach_lora(lm, cfg)
     lm.model.to(device)
