@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -15,7 +16,8 @@ from models.backbones import BACKBONES, Base, load_base
 from models.causal_lm import LM_RECIPES, accuracy, load_causal_lm, offline_lm_is_built
 from models.classifier import ZeroShotClassifier
 from models.updates import ReleasedUpdate, UpdateError, base_request
-from models.vision import DataSettings, base_is_built, evaluate, load_task, task_head
+from models.pretrain import RECIPES, offline_base_is_built
+from models.vision import DataSettings, evaluate, load_task, task_head
 from task_merger import apply_merged
 
 LOCAL_DATA_FIELDS = {"data_root", "num_workers", "download"}  # where this machine keeps the data, not which data
@@ -47,7 +49,13 @@ class Evaluator:
         return {name: self.accuracy(name, split) for name in self.tasks}
 
 
-def refuse_unbuilt_base(updates: list[ReleasedUpdate], name: str, options: dict, built: bool) -> None:
+def refuse_unbuilt_base(updates: list[ReleasedUpdate], name: str, options: dict,
+                        is_built: Callable[..., bool]) -> None:
+    """An offline base the updates name must already be cached here: an update may not start pretraining."""
+    try:
+        built = is_built(name, **{k: v for k, v in options.items() if v is not None})
+    except KeyError as e:  # a recipe field the offline base does not have
+        raise UpdateError(f"{updates[0].path}: base {name}: {e.args[0]}") from None
     if not built:
         raise UpdateError(f"{updates[0].path}: base {name} with options {options} is not built on this machine, "
                           f"and an update may not start pretraining; build it first (the command that trained "
@@ -70,8 +78,8 @@ class VisionEvaluator(Evaluator):
                  base_options: dict | None = None):
         name, options = base_request(updates, base_options, BACKBONES)
         self.device, self.batch, self.val_limit = device, eval_batch_size, val_limit
-        if base_options is None:
-            refuse_unbuilt_base(updates, name, options, base_is_built(name, options))
+        if base_options is None and name in RECIPES:
+            refuse_unbuilt_base(updates, name, options, offline_base_is_built)
         self.base: Base = load_base(name, options, device)
         self.net = self.base.backbone.net
         self.base_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -132,7 +140,7 @@ class MathEvaluator(Evaluator):
         self.device, self.batch, self.val_limit, self.progress = device, eval_batch_size, val_limit, progress
         name, options = base_request(updates, base_options)
         if base_options is None and name in LM_RECIPES:
-            refuse_unbuilt_base(updates, name, options, offline_lm_is_built(name, **options))
+            refuse_unbuilt_base(updates, name, options, offline_lm_is_built)
         self.lm = load_causal_lm(name, options, torch.bfloat16 if device.type == "cuda" else None)
         self.net = self.lm.model.to(device)
         state = self.net.state_dict()

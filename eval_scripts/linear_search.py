@@ -154,21 +154,15 @@ RELEASE_GRID_ORDER = ("p", "top_k", "rank")  # the release: DARE p (top-K held),
 
 
 def method_grid_search(grid: dict[str, list], params: dict, best_score: float, score, rule: str) -> tuple[dict, float]:
-    """The method's own hyperparameters, one grid after the other at the chosen c (`score(name, params)`).
-    strict: in registry order,
-    a value must beat the best score so far; release: p, top-K, rank, each grid restarting its best from
-    zero and keeping the last tie."""
+    """The method's own hyperparameters, one whole grid after the other at the chosen c (`score(name, params)`).
+    strict: in registry order, a value must beat the best score so far; release: p, top-K, rank, each grid
+    restarting its best from zero and keeping the last tie."""
     params = dict(params)
-    names = sorted(grid, key=RELEASE_GRID_ORDER.index) if rule == "release" else list(grid)
-    for name in names:
-        best_value = params[name]
-        if rule == "release":
-            best_score = -1.0
-        for value in grid[name]:
-            current = score(name, {**params, name: value})
-            if current > best_score or (rule == "release" and current == best_score):
-                best_score, best_value = current, value
-        params[name] = best_value
+    release = rule == "release"
+    for name in sorted(grid, key=RELEASE_GRID_ORDER.index) if release else grid:
+        params[name], best_score = patient_search(
+            grid[name], lambda value: score(name, {**params, name: value}), len(grid[name]) + 1,
+            (params[name], -1.0 if release else best_score), ties_improve=release)
     return params, best_score
 
 

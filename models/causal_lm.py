@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -163,6 +164,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     folder = offline_lm_folder("offline-llama", steps=args.steps)
     print(f"offline-llama: {folder} {json.loads((folder / 'recipe.json').read_text())}")
+
+
+def answer_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each answer token (labels != -100) under next-token logits, in fp32: one loss
+    per token, as the Trap² objective needs; their mean is the causal LM's own loss."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    answer = labels != -100
+    return F.cross_entropy(logits[answer].float(), labels[answer], reduction="none")
 
 
 @torch.no_grad()

@@ -134,6 +134,11 @@ def base_folder(name: str, **overrides) -> Path:
     return cache_root() / "bases" / f"{name}-{recipe_hash(recipe_for(name, **overrides))}"
 
 
+def offline_base_is_built(name: str, **overrides) -> bool:
+    """Whether this recipe's base is cached, so loading it reads weights instead of pretraining."""
+    return (base_folder(name, **overrides) / "model.safetensors").exists()
+
+
 def load_or_pretrain(name: str, progress: bool = True, **overrides) -> nn.Module:
     """The pretrained offline base `name`, from data/bases/ or pretrained now and cached."""
     recipe = recipe_for(name, **overrides)

@@ -31,6 +31,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
 
+
 LOCK_FILE = ".lock"
 
 

@@ -11,20 +11,8 @@ import torch.nn.functional as F
 from dataset.vision import VisionTask, load_vision_task
 from models.backbones import Base
 from models.classifier import ZeroShotClassifier, cached_head, prototype_head
-from models.pretrain import RECIPES, base_folder, recipe_hash
+from models.pretrain import recipe_hash
 from models.storage import cache_root
-from models.updates import UpdateError
-
-
-def base_is_built(name: str, options: dict | None = None) -> bool:
-    """Whether loading this base reads weights rather than pretraining (and caching) an offline base."""
-    if name not in RECIPES:
-        return True
-    try:
-        return (base_folder(name, **{k: v for k, v in (options or {}).items() if v is not None})
-                / "model.safetensors").exists()
-    except KeyError as e:
-        raise UpdateError(f"base {name}: {e.args[0]}") from None
 
 
 @dataclass(frozen=True)

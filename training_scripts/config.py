@@ -22,7 +22,7 @@ class RunConfig:
     scale_samples: int = option(1, "K: off scales sampled per step (the off-scale loss is their mean)")
     fixed_scales: list[float] | None = option(None, "use these off scales every step instead of sampling")
     off_loss_cap: float | None = option(
-        None, "cap of each example's off-scale loss (math: of the batch's); none: the paper's unbounded term")
+        None, "cap of each example's off-scale loss (math: each answer token's); none: the paper's unbounded term")
     # LoRA
     lora_rank: int = option(16, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)")

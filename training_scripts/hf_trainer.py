@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from models.causal_lm import answer_token_cross_entropy
 from models.updates import ScaledUpdate
 from training_scripts.runs import build_objective
 
@@ -42,9 +43,7 @@ def per_example_loss(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     logits, labels = model(**features).logits, inputs["labels"]
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels, reduction="none")
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    answer = labels != -100
-    return F.cross_entropy(logits[answer].float(), labels[answer], reduction="none")
+    return answer_token_cross_entropy(logits, labels)
 
 
 class Trap2Trainer(Trainer):

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from dataset.math import MathExample, MathTask, load_math_task
 from models import distributed
-from models.causal_lm import CausalLM, accuracy, load_causal_lm
+from models.causal_lm import CausalLM, accuracy, answer_token_cross_entropy, load_causal_lm
 from models.options import option
 from models.runtime import pin_threads, provenance, resolve_device, run_cli
 from models.updates import ScaledUpdate, save_update
@@ -125,10 +124,8 @@ def validation_loss(model, encoded: list[tuple[list[int], list[int]]], batch_siz
 def answer_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss of each answer token (labels != -100), the causal LM's examples for the objective: their mean
     is the model's own loss, and --off_loss_cap caps each token, as it caps each image in vision."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    answer = labels != -100
-    return F.cross_entropy(logits[answer].float(), labels[answer], reduction="none")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return answer_token_cross_entropy(logits, batch["labels"])
 
 
 class MicroBatches:
