@@ -131,6 +131,22 @@ def cart(deltas: Tensors, rank: float = 0.04, beta: float = 0.1) -> torch.Tensor
     return (avg + beta * residual.to(dtype).reshape(shape))
 
 
+def regmean(deltas: Tensors, grams: Sequence[torch.Tensor] | None = None, alpha: float = 0.9) -> torch.Tensor:
+    """RegMean: the ΔW closest to every task's on its own inputs, min Σ_i ‖X_i (ΔW − ΔW_i)ᵀ‖², i.e.
+    ΔW = (Σ_i ΔW_i G_i)(Σ_i G_i)⁻¹ with G_i = X_iᵀX_i/rows, off-diagonals shrunk by alpha. Tensors without
+    Grams (vectors, layers that are not linear) take the mean."""
+    if grams is None or deltas[0].dim() != 2:
+        return mean(deltas)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"RegMean's off-diagonal factor alpha must be in [0, 1], got {alpha}")
+    if len(grams) != len(deltas) or any(g.shape != (deltas[0].shape[1],) * 2 for g in grams):
+        raise ValueError(f"RegMean needs one {deltas[0].shape[1]}×{deltas[0].shape[1]} Gram matrix per task, got "
+                         f"{[tuple(g.shape) for g in grams]}")
+    shrunk = [alpha * g.double() + (1 - alpha) * torch.diag(torch.diagonal(g.double())) for g in grams]
+    rhs = sum(g @ d.double().T for g, d in zip(shrunk, deltas))
+    return torch.linalg.lstsq(sum(shrunk), rhs).solution.T.to(deltas[0].dtype).contiguous()
+
+
 def isotropize(m: torch.Tensor) -> torch.Tensor:
     """Replaces the non-zero singular values of a merged matrix by their mean (as the release does: the
     directions a merge does not span stay empty)."""
@@ -146,11 +162,15 @@ def isotropize(m: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., torch.Tensor] | None  # None: the merge is not ours (peft_combination)
     defaults: dict = field(default_factory=dict)
     grid: dict[str, tuple] = field(default_factory=dict)  # searched after c, in this order
     seeded: bool = False
     trims: bool = False  # keeps the top-K entries: takes the trim rule (one_more)
+    # data-dependent: "inputs" (each task's layer inputs through its own update) or "chain" (through the
+    # model merged up to that layer); fn then takes each layer's Gram matrices (`grams`)
+    statistics: str = ""
+    peft_combination: str = ""  # merged by PEFT's add_weighted_adapter with this combination_type
     description: str = ""
 
 
@@ -161,6 +181,8 @@ register_merge_method = MERGE_METHODS.register
 TOP_K_GRID = tuple(range(100, 0, -10))
 DARE_P_GRID = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 CART_RANK_GRID = (0.04, 0.08, 0.16, 0.32)
+REGMEAN_ALPHA_GRID = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
+DENSITY_GRID = tuple(k / 100 for k in TOP_K_GRID)  # PEFT's density: the share of entries kept
 
 register_merge_method(MergeMethod("tv", task_arithmetic, description="Task Arithmetic: sum of updates"))
 register_merge_method(MergeMethod("mean", mean, description="average of updates"))
@@ -174,6 +196,22 @@ register_merge_method(MergeMethod("dare_ties", dare_ties, {"p": 1e-5, "top_k": 3
 register_merge_method(MergeMethod("tsv", tsv, description="Task Singular Vectors"))
 register_merge_method(MergeMethod("cart", cart, {"rank": 0.04, "beta": 0.1}, {"rank": CART_RANK_GRID},
                                   description="CART: centred, rank-pruned residuals"))
+
+register_merge_method(MergeMethod("regmean", regmean, {"alpha": 0.9}, {"alpha": REGMEAN_ALPHA_GRID},
+                                  statistics="inputs", description="RegMean: per-layer least squares on each "
+                                  "task's input Gram matrix"))
+register_merge_method(MergeMethod("chain_of_merges", regmean, {"alpha": 0.9}, {"alpha": REGMEAN_ALPHA_GRID},
+                                  statistics="chain", description="Chain of Merges: RegMean layer by layer, "
+                                  "inputs through the model merged so far"))
+# PEFT's add_weighted_adapter, as LoRA users run it: factors merged separately (cross terms B_i·A_j),
+# concatenated ranks (cat), or ΔW merged then truncated to rank r (*_svd)
+for _combination in ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"):
+    _prunes = _combination not in ("linear", "cat", "svd")
+    register_merge_method(MergeMethod(
+        f"peft_{_combination}", None, {"density": 0.3} if _prunes else {},
+        {"density": DENSITY_GRID} if _prunes else {}, seeded=_combination.startswith("dare"),
+        peft_combination=_combination, description=f"PEFT add_weighted_adapter, combination_type {_combination}"))
 
 
 get_merge_method = MERGE_METHODS.lookup
@@ -255,30 +293,36 @@ def _scaled(u, c: float):
     return LoraFactors(u.A, u.B, u.scaling * c) if isinstance(u, LoraFactors) else u * c
 
 
+def check_same_base(updates: Sequence[ReleasedUpdate]) -> None:
+    fps = {u.metadata.get("base_fingerprint") for u in updates}
+    if len(fps) > 1:
+        raise UpdateError(f"the updates were trained on different bases (fingerprints {sorted(map(str, fps))}); "
+                          f"only updates of the same base can be merged")
+
+
 class TaskMerger:
     """Merges T released updates layer by layer, caching decompositions and merged updates.
 
     `task_coefficients` (one per update) multiply each ΔW_i before merging. Layers that only some
     updates touch get zeros from the others. Tensors a space cannot decompose (vectors such as
     biases and norms, which only full updates carry) are merged in full space and listed in
-    `fallbacks`, never dropped.
+    `fallbacks`, never dropped. Data-dependent methods (RegMean) get `grams(params)`: parameter name -> one
+    input Gram matrix per update (eval_scripts.merge_statistics computes them).
     """
 
     def __init__(self, updates: Sequence[ReleasedUpdate], space: str = "full",
-                 task_coefficients: Sequence[float] | None = None, seed: int = 0, trim_one_more: bool = False):
+                 task_coefficients: Sequence[float] | None = None, seed: int = 0, trim_one_more: bool = False,
+                 grams: Callable[[dict], dict[str, list[torch.Tensor]]] | None = None):
         if not updates:
             raise ValueError("nothing to merge: pass at least one update")
         if space not in MERGE_SPACES:
             raise KeyError(f"unknown merge space {space!r}; choose one of {sorted(MERGE_SPACES)}")
-        fps = {u.metadata.get("base_fingerprint") for u in updates}
-        if len(fps) > 1:
-            raise UpdateError(f"the updates were trained on different bases (fingerprints {sorted(map(str, fps))}); "
-                              f"only updates of the same base can be merged")
+        check_same_base(updates)
         coefficients = list(task_coefficients) if task_coefficients is not None else [1.0] * len(updates)
         if len(coefficients) != len(updates):
             raise ValueError(f"{len(coefficients)} task coefficients for {len(updates)} updates")
         self.updates, self.space, self.seed, self.trim_one_more = list(updates), space, seed, trim_one_more
-        self.task_coefficients = coefficients
+        self.task_coefficients, self.grams = coefficients, grams
         self.names = sorted(set().union(*(u.names() for u in updates)))
         self.fallbacks: list[str] = []
         self._decompositions: dict[str, Decomposition] = {}
@@ -312,7 +356,18 @@ class TaskMerger:
             raise ValueError(f"{method} takes {sorted(spec.defaults) or 'no hyperparameters'}, got {sorted(unknown)}")
         params = {**spec.defaults, **hparams}
         key = (method, isotropic, tuple(sorted(params.items())))
+        if spec.peft_combination:
+            raise ValueError(f"{method} merges whole adapters through PEFT: use eval_scripts.peft_merge.PeftMerger")
         if key not in self._merged:
+            grams = {}
+            if spec.statistics:
+                if self.space != "full":
+                    raise UpdateError(f"{method} merges in full space (its Gram matrices are of the layer's inputs); "
+                                      f"use --merge_space full")
+                if self.grams is None:
+                    raise ValueError(f"{method} needs each layer's input Gram matrices: pass grams "
+                                     f"(eval_scripts.merge_statistics)")
+                grams = self.grams(params)
             merged = {}
             for name in self.names:
                 d = self.decomposition(name)
@@ -321,6 +376,8 @@ class TaskMerger:
                     kwargs["generator"] = torch.Generator().manual_seed(_layer_seed(self.seed, name))
                 if spec.trims:
                     kwargs["one_more"] = self.trim_one_more
+                if spec.statistics:
+                    kwargs["grams"] = grams.get(name)
                 coords = spec.fn(d.coords, **kwargs)
                 # isotropized in the space's own coordinates (Core: the small core matrix), then rebuilt
                 merged[name] = d.reconstruct(isotropize(coords) if isotropic else coords)

@@ -48,6 +48,37 @@ class Evaluator:
     def all_tasks(self, split: str) -> dict[str, float]:
         return {name: self.accuracy(name, split) for name in self.tasks}
 
+    def feed(self, task: str, n_examples: int) -> None:
+        """Runs the net on the first n training inputs of a task, labels unused (data-dependent merging)."""
+        raise NotImplementedError(f"{type(self).__name__} has no unlabelled inputs for data-dependent merging "
+                                  f"(RegMean, Chain of Merges); use a vision suite")
+
+    @torch.no_grad()
+    def input_grams(self, names: list[str], task: str, n_examples: int) -> dict[str, torch.Tensor]:
+        """XᵀX / rows (float64) of the inputs X of every linear layer whose weight is in `names`, over the
+        first n training examples of `task` (every token a row), with the weights as they are now."""
+        modules = dict(self.net.named_modules())
+        sums: dict[str, list] = {}
+        hooks = []
+
+        def hook_for(name: str):
+            def hook(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                acc = sums.setdefault(name, [0.0, 0])
+                acc[0], acc[1] = acc[0] + x.T @ x, acc[1] + x.shape[0]
+            return hook
+
+        for name in names:
+            module = modules.get(name.rsplit(".", 1)[0])
+            if name.endswith(".weight") and isinstance(module, torch.nn.Linear):
+                hooks.append(module.register_forward_pre_hook(hook_for(name)))
+        try:
+            self.feed(task, n_examples)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {name: (total / rows).cpu() for name, (total, rows) in sums.items()}
+
 
 def refuse_unbuilt_base(updates: list[ReleasedUpdate], name: str, options: dict,
                         is_built: Callable[..., bool]) -> None:
@@ -98,6 +129,11 @@ class VisionEvaluator(Evaluator):
             task = load_task(self.base, name, data)
             head = task_head(self.base, task, data)
             self.tasks[name] = TaskEval(name, ZeroShotClassifier(self.base.backbone, head.to(device)), task)
+
+    def feed(self, task: str, n_examples: int) -> None:
+        entry = self.tasks[task]
+        for x, _ in entry.task.batches("train", self.batch, n_examples):
+            entry.classifier(x.to(self.device))
 
     def accuracy(self, task: str, split: str) -> float:
         limit = self.val_limit if split == "val" else None

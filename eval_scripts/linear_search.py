@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval_scripts.evaluators import Evaluator, evaluator_for
+from eval_scripts.merge_statistics import GramProvider
+from eval_scripts.peft_merge import PeftMerger
 from models.options import option
 from models.runtime import pin_threads, provenance, resolve_device
 from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
@@ -62,6 +64,8 @@ class MergeConfig:
               "as the release scores math")
     adaptive: bool = option(False, "also search a separate coefficient for the target update (an adaptive attacker)")
     val_limit: int | None = option(None, "evaluate on the first N validation images per task (speed)")
+    statistics_examples: int = option(
+        128, "RegMean / Chain of Merges: unlabelled training examples per task for each layer's input Gram matrix")
     eval_batch_size: int = option(512, "batch size of evaluation")
     data_root: str | None = option(None, "vision8: where the datasets lie here (default: as each update was trained)")
     base_options: dict | None = option(
@@ -80,7 +84,7 @@ class MergeConfig:
                 raise ValueError(f"--{name} must be a finite number > 0, got {value!r}")
         if self.coef_start > self.coef_stop:
             raise ValueError(f"--coef_start {self.coef_start} is past --coef_stop {self.coef_stop}; swap them")
-        for name in ("patience", "eval_batch_size"):
+        for name in ("patience", "eval_batch_size", "statistics_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.search_rule not in ("strict", "release"):
@@ -166,21 +170,39 @@ def method_grid_search(grid: dict[str, list], params: dict, best_score: float, s
     return params, best_score
 
 
+def make_merger(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig,
+                task_coefficients: list[float] | None = None, grams: GramProvider | None = None):
+    """The merger of the config's method: PEFT's for peft_* methods, ours otherwise; a data-dependent method
+    gets its input statistics (computed with every coefficient 1, unless `grams` are handed on)."""
+    method = get_merge_method(cfg.merge_method)
+    if method.peft_combination:
+        if cfg.merge_space != "full":
+            raise ValueError(f"{cfg.merge_method} merges in PEFT's own factor space; use --merge_space full")
+        return PeftMerger(updates, evaluator.net, task_coefficients, cfg.seed)
+    merger = TaskMerger(updates, cfg.merge_space, task_coefficients, cfg.seed, cfg.ties_trim == "release", grams)
+    if method.statistics and grams is None:
+        merger.grams = GramProvider(evaluator, updates, method, cfg.statistics_examples,
+                                    lambda name: merger.decomposition(name).coords)
+    return merger
+
+
 def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
            scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None) -> dict:
     """Coefficient search, then the method grid, then (optionally) the adaptive target coefficient."""
     from tqdm.auto import tqdm
 
     method = get_merge_method(cfg.merge_method)
-    one_more = cfg.ties_trim == "release"
-    merger = TaskMerger(updates, cfg.merge_space, seed=cfg.seed, trim_one_more=one_more)
+    merger = make_merger(evaluator, updates, cfg)
+    grams = merger.grams if isinstance(merger, TaskMerger) else None  # adaptive merges reuse the statistics
     identity = [u.content_hash for u in updates]  # a retrained update in the same folder is not a logged one
+    # a data-dependent merge also depends on how many examples its statistics read
+    statistics = {"statistics_examples": cfg.statistics_examples} if method.statistics else {}
 
-    def point(phase: str, c: float, params: dict, merger_: TaskMerger, task_coef: float = 1.0) -> float:
+    def point(phase: str, c: float, params: dict, merger_, task_coef: float = 1.0) -> float:
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
                    val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION,
-                   normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim)
+                   normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim, **statistics)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks("val")
@@ -209,12 +231,12 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
     if cfg.adaptive and target_index is not None:
         def adaptive_point(a: float) -> float:
             coefs = [a if i == target_index else 1.0 for i in range(len(updates))]
-            return point("adaptive", best_c, params, TaskMerger(updates, cfg.merge_space, coefs, cfg.seed, one_more), a)
+            return point("adaptive", best_c, params, make_merger(evaluator, updates, cfg, coefs, grams), a)
 
         best_a, best_a_score = patient_search(cfg.coefficients(), adaptive_point, cfg.patience, (1.0, best_score),
                                               ties_improve=release)
         coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
-        evaluator.apply(TaskMerger(updates, cfg.merge_space, coefs, cfg.seed, one_more).merge(
+        evaluator.apply(make_merger(evaluator, updates, cfg, coefs, grams).merge(
             cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
         test = evaluator.all_tasks("test")
         result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score, "test": test,

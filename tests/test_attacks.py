@@ -1,0 +1,169 @@
+"""The attackers beyond the paper's five: RegMean, Chain of Merges, and PEFT's own adapter merging."""
+import json
+
+import pytest
+import torch
+
+from eval_scripts.evaluators import evaluator_for
+from eval_scripts.linear_search import MergeConfig, make_merger, run_merge_eval
+from eval_scripts.merge_statistics import forward_order
+from eval_scripts.peft_merge import PeftMerger, peft_model
+from models.updates import LoraFactors, UpdateError, load_update
+from task_merger import MERGE_METHODS, TaskMerger, regmean
+
+
+def _spd(n, seed):
+    x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x.T @ x / (3 * n)
+
+
+def test_regmean_of_one_task_returns_it_and_identity_grams_give_the_mean():
+    deltas = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    torch.testing.assert_close(regmean(deltas[:1], [_spd(4, 0)], alpha=0.7), deltas[0], atol=1e-6, rtol=0)
+    eye = [torch.eye(4, dtype=torch.float64)] * 3
+    torch.testing.assert_close(regmean(deltas, eye), torch.stack(deltas).mean(0), atol=1e-6, rtol=0)
+    # alpha = 0 keeps only the diagonals: a per-input-feature weighted mean
+    grams = [_spd(4, i + 1) for i in range(3)]
+    diag = torch.stack([torch.diagonal(g) for g in grams])  # tasks × inputs
+    want = (torch.stack(deltas).double() * diag[:, None, :]).sum(0) / diag.sum(0)
+    torch.testing.assert_close(regmean(deltas, grams, alpha=0.0).double(), want, atol=1e-6, rtol=0)
+
+
+def test_regmean_solves_the_least_squares_problem_it_claims():
+    deltas = [torch.randn(6, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+    grams = [_spd(4, 10 + i) for i in range(2)]
+    merged = regmean(deltas, grams, alpha=1.0)
+
+    def objective(w):
+        return sum(torch.trace((w - d) @ g @ (w - d).T) for d, g in zip(deltas, grams))
+
+    for k in range(5):  # any perturbation raises Σ_i ‖X_i (W − W_i)ᵀ‖²
+        bump = 1e-3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64)
+        assert objective(merged + bump) > objective(merged)
+
+
+def test_a_data_dependent_method_refuses_other_spaces_and_missing_statistics(trained_updates):
+    updates = [load_update(trained_updates[k]) for k in ("gtsrb-plain", "mnist-plain")]
+    with pytest.raises(UpdateError, match="full space"):
+        TaskMerger(updates, "core", grams=lambda p: {}).merge("regmean")
+    with pytest.raises(ValueError, match="Gram"):
+        TaskMerger(updates, "full").merge("regmean")
+
+
+def _evaluator(trained_updates, keys=("gtsrb-plain", "mnist-plain")):
+    updates = [load_update(trained_updates[k]) for k in keys]
+    cfg = MergeConfig(target="gtsrb", statistics_examples=32, progress=False)
+    return updates, cfg, evaluator_for(updates, torch.device("cpu"), cfg)
+
+
+def test_regmean_statistics_are_each_tasks_inputs_through_its_own_update(trained_updates):
+    updates, cfg, ev = _evaluator(trained_updates)
+    merger = make_merger(ev, updates, MergeConfig(**{**vars(cfg), "merge_method": "regmean"}))
+    grams = merger.grams({"alpha": 0.9})
+    names = updates[0].names()
+    assert set(grams) == set(names) and all(len(g) == 2 for g in grams.values())
+    # recomputed by hand for the mnist update's first layer
+    name = forward_order(ev, names, "mnist")[0]
+    ev.apply({n: updates[1].delta(n) for n in updates[1].names()}, 1.0)
+    rows = []
+    module = ev.net.get_submodule(name.removesuffix(".weight"))
+    hook = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        ev.feed("mnist", 32)
+    hook.remove()
+    x = torch.cat(rows)
+    torch.testing.assert_close(grams[name][1], x.T @ x / len(x))
+    merged = merger.merge("regmean", alpha=0.9)
+    torch.testing.assert_close(merged[name], regmean([u.delta(name) for u in updates], grams[name], 0.9))
+
+
+def test_chain_of_merges_first_layer_equals_regmean_and_later_layers_see_the_merged_model(trained_updates):
+    updates, cfg, ev = _evaluator(trained_updates)
+    inputs = make_merger(ev, updates, MergeConfig(**{**vars(cfg), "merge_method": "regmean"})).grams({"alpha": 0.9})
+    chain = make_merger(ev, updates, MergeConfig(**{**vars(cfg), "merge_method": "chain_of_merges"}))
+    chained = chain.grams({"alpha": 0.9})
+    order = forward_order(ev, updates[0].names(), "gtsrb")
+    assert len(order) == len(updates[0].names())
+    # layers of the first block read the base's patch embeddings alone: both statistics agree
+    first = order[0]
+    for a, b in zip(inputs[first], chained[first]):
+        torch.testing.assert_close(a, b)
+    # the last layer reads activations of the partly merged model: neither task's own model gives them
+    last = order[-1]
+    assert not torch.allclose(inputs[last][0], chained[last][0])
+    merged = chain.merge("chain_of_merges", alpha=0.9)
+    assert all(torch.isfinite(t).all() for t in merged.values())
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd", "ties", "dare_linear", "magnitude_prune_svd"])
+def test_a_peft_merge_through_our_evaluator_equals_running_peft_merged_model(trained_updates, combination):
+    updates, cfg, ev = _evaluator(trained_updates)
+    method = f"peft_{combination}"
+    merged = PeftMerger(updates, ev.net, seed=3).merge(method)
+    params = {"density": 0.3} if MERGE_METHODS[method].defaults else {}
+    model = peft_model(ev.net, updates)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model.add_weighted_adapter(["task0", "task1"], [1.0, 1.0], "m", combination_type=combination, **params)
+    model.set_adapter("m")
+    x = next(iter(ev.tasks["gtsrb"].task.batches("test", 8)))[0]
+    head = ev.tasks["gtsrb"].classifier
+    with torch.no_grad():
+        ev.apply(merged, 1.0)
+        ours = head(x)
+        ev.apply(None)
+        head.backbone.net = model  # the classifier on PEFT's model
+        try:
+            theirs = head(x)
+        finally:
+            head.backbone.net = ev.net
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_linear_has_cross_terms_and_cat_is_task_arithmetic(trained_updates):
+    updates, _, ev = _evaluator(trained_updates)
+    name = updates[0].names()[0]
+    cat = PeftMerger(updates, ev.net).merge("peft_cat")[name]
+    torch.testing.assert_close(cat, updates[0].delta(name) + updates[1].delta(name), atol=1e-5, rtol=1e-5)
+    f0, f1 = updates[0].lora[name], updates[1].lora[name]
+    cross = (f0.B + f1.B) @ (f0.scaling * f0.A + f1.scaling * f1.A)  # √1·√1: every B_i·A_j
+    torch.testing.assert_close(PeftMerger(updates, ev.net).merge("peft_linear")[name], cross, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combination", ["linear", "svd", "ties"])
+def test_peft_merges_are_homogeneous_in_the_weights_so_c_may_scale_them(trained_updates, combination):
+    updates, _, ev = _evaluator(trained_updates)
+    method = f"peft_{combination}"
+    at_one = PeftMerger(updates, ev.net).merge(method)
+    at_c = PeftMerger(updates, ev.net, task_coefficients=[2.5, 2.5]).merge(method)
+    for name in at_one:
+        torch.testing.assert_close(at_c[name], 2.5 * at_one[name], atol=1e-5, rtol=1e-4)
+
+
+def test_peft_merging_refuses_full_updates_and_other_spaces(trained_updates, tmp_path):
+    from conftest import tiny_train_args
+    from training_scripts.config import TrainConfig
+    from training_scripts.vision import train_vision
+
+    full = load_update(train_vision(TrainConfig(**tiny_train_args(tmp_path / "full", peft="full", max_steps=2))))
+    with pytest.raises(UpdateError, match="LoRA adapters only"):
+        PeftMerger([full], torch.nn.Linear(2, 2))
+    updates, cfg, ev = _evaluator(trained_updates)
+    with pytest.raises(ValueError, match="merge_space full"):
+        make_merger(ev, updates, MergeConfig(**{**vars(cfg), "merge_method": "peft_ties", "merge_space": "core"}))
+
+
+@pytest.mark.parametrize("method", ["regmean", "chain_of_merges", "peft_dare_ties"])
+def test_new_attackers_run_the_whole_protocol(trained_updates, tmp_path, method):
+    cfg = MergeConfig(target="gtsrb", protected=[str(trained_updates["gtsrb-trap2"])],
+                      control=[str(trained_updates["gtsrb-plain"])], others=[str(trained_updates["mnist-plain"])],
+                      merge_method=method, coef_start=0.5, coef_stop=1.5, coef_step=0.5, patience=2, adaptive=True,
+                      statistics_examples=16, output_dir=str(tmp_path), progress=False)
+    out = run_merge_eval(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    for res in summary["scenarios"].values():
+        assert set(res["test"]) == {"gtsrb", "mnist"} and "adaptive" in res
+        grid = next(iter(MERGE_METHODS[method].grid))
+        assert grid in res["params"]
+    points = [json.loads(l) for l in (out / "points.jsonl").read_text().splitlines()]
+    assert any(p["phase"].startswith("grid:") for p in points)
