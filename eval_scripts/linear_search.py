@@ -6,8 +6,9 @@ control) the attacker gets the best global coefficient c ∈ {0.1, …, 9.9} (st
 all selected by mean normalised validation accuracy; the selected merge is reported on test.
 Optionally an adaptive attacker also searches a coefficient for the target update alone.
 
-Every evaluated point is one JSON line, appended in a single write; a rerun reads them back and
-skips what is done, so an interrupted sweep resumes where it stopped.
+Every evaluated point (validation points and the selected merges' test reports) is one JSON line,
+appended in a single write; a rerun reads them back and skips what is done, so an interrupted sweep
+resumes where it stopped and a finished one evaluates nothing.
 """
 from __future__ import annotations
 
@@ -198,47 +199,48 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
     # a data-dependent merge also depends on how many examples its statistics read
     statistics = {"statistics_examples": cfg.statistics_examples} if method.statistics else {}
 
-    def point(phase: str, c: float, params: dict, merger_, task_coef: float = 1.0) -> float:
+    def point(phase: str, c: float, params: dict, merger_, task_coef: float = 1.0, split: str = "val") -> dict:
+        """One merge's accuracies on a split (val: scored for the search; test: the report), logged."""
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
                    val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION,
                    normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim, **statistics)
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
-            accs = evaluator.all_tasks("val")
-            log.write({"key": key, "scenario": scenario, "phase": phase, "c": c, "params": params,
-                       "target_coefficient": task_coef, "val": accs,
-                       "score": selection_score(accs, finetuned, cfg.normalise)})
-        return log.done[key]["score"]
+            accs = evaluator.all_tasks(split)
+            record = {"key": key, "scenario": scenario, "phase": phase, "c": c, "params": params,
+                      "target_coefficient": task_coef, split: accs}
+            if split == "val":
+                record["score"] = selection_score(accs, finetuned, cfg.normalise)
+            log.write(record)
+        return log.done[key]
 
     params = dict(method.defaults)
     bar = tqdm(cfg.coefficients(), desc=f"{scenario} {cfg.merge_method}/{cfg.merge_space} c", disable=not cfg.progress)
     release = cfg.search_rule == "release"
     best_c, best_score = patient_search(
-        bar, lambda c: point("coefficient", c, params, merger), cfg.patience,
+        bar, lambda c: point("coefficient", c, params, merger)["score"], cfg.patience,
         on_point=lambda c, best, score: bar.set_postfix(c=c, best_c=best, score=f"{score:.1f}"), ties_improve=release)
     bar.close()
     if cfg.method_grid:
         params, best_score = method_grid_search(
-            method.grid, params, best_score, lambda name, candidate: point(f"grid:{name}", best_c, candidate, merger),
+            method.grid, params, best_score, lambda name, candidate: point(f"grid:{name}", best_c, candidate, merger)["score"],
             cfg.search_rule)
     result = {"c": best_c, "params": params, "val_score": best_score, "target_coefficient": 1.0}
-    evaluator.apply(merger.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
-    result["test"] = evaluator.all_tasks("test")
+    result["test"] = point("test", best_c, params, merger, split="test")["test"]
     result["test_normalised"] = normalised(result["test"], "test", finetuned)
     result["fallbacks"] = sorted(set(merger.fallbacks))
 
     if cfg.adaptive and target_index is not None:
         def adaptive_point(a: float) -> float:
             coefs = [a if i == target_index else 1.0 for i in range(len(updates))]
-            return point("adaptive", best_c, params, make_merger(evaluator, updates, cfg, coefs, grams), a)
+            return point("adaptive", best_c, params, make_merger(evaluator, updates, cfg, coefs, grams), a)["score"]
 
         best_a, best_a_score = patient_search(cfg.coefficients(), adaptive_point, cfg.patience, (1.0, best_score),
                                               ties_improve=release)
         coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
-        evaluator.apply(make_merger(evaluator, updates, cfg, coefs, grams).merge(
-            cfg.merge_method, isotropic=cfg.isotropize, **params), best_c)
-        test = evaluator.all_tasks("test")
+        test = point("test:adaptive", best_c, params, make_merger(evaluator, updates, cfg, coefs, grams), best_a,
+                     split="test")["test"]
         result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score, "test": test,
                               "test_normalised": normalised(test, "test", finetuned)}
     return result

@@ -8,7 +8,7 @@ from eval_scripts.evaluators import evaluator_for
 from eval_scripts.linear_search import MergeConfig, make_merger, run_merge_eval
 from eval_scripts.merge_statistics import forward_order
 from eval_scripts.peft_merge import PeftMerger, peft_model
-from models.updates import LoraFactors, UpdateError, load_update
+from models.updates import UpdateError, load_update
 from task_merger import MERGE_METHODS, TaskMerger, regmean
 
 

@@ -58,7 +58,8 @@ def test_merge_eval_end_to_end_and_resume(trained_updates, tmp_path, method, spa
     finally:
         ev.Evaluator.all_tasks = original
     assert (out / "points.jsonl").read_text().count("\n") == lines_before
-    assert all(split == "test" for split in calls)  # only the final test reports are recomputed
+    assert calls == []  # the test reports are logged too: a finished sweep evaluates nothing
+    assert json.loads((out / "summary.json").read_text())["scenarios"] == summary["scenarios"]
 
 
 def test_merge_eval_rejects_mislabelled_inputs(trained_updates, tmp_path):
