@@ -59,15 +59,19 @@ def merge_root(cfg: ReproduceConfig, seed: int, group: str) -> Path:
     return results_folder(cfg) / "merge" / f"seed{seed}" / group
 
 
+def target_scenario(cfg: ReproduceConfig, seed: int) -> dict:
+    """The merge settings every cell of a seed shares: the target's protected and unprotected updates."""
+    return dict(target=cfg.target, protected=[str(run_dir(cfg, cfg.target, True, seed))],
+                control=[str(run_dir(cfg, cfg.target, False, seed))], val_limit=cfg.val_limit, device=cfg.device)
+
+
 def merge_cells(cfg: ReproduceConfig, tasks: list[str]) -> list:
     if cfg.target not in tasks:
         raise ValueError(f"--target {cfg.target} is not one of the suite's tasks {tasks}")
     others = [t for t in tasks if t != cfg.target]
     cells = []
     for seed in suite_seeds(cfg):
-        scenario = dict(target=cfg.target, protected=[str(run_dir(cfg, cfg.target, True, seed))],
-                        control=[str(run_dir(cfg, cfg.target, False, seed))], val_limit=cfg.val_limit,
-                        device=cfg.device)
+        scenario = target_scenario(cfg, seed)
         cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in others],
                                        adaptive=cfg.adaptive, methods=cfg.merge_methods, spaces=cfg.merge_spaces,
                                        results_root=str(merge_root(cfg, seed, "all-tasks"))))

@@ -6,12 +6,15 @@
   base, the unprotected fine-tune and the Trap²-protected update (from training_scripts.suite).
 - Post-merging tables: per target, method × space, the target's test accuracy after the attacker's
   best merge, protected vs the all-unprotected control, and the mean over tasks.
+- Few-shot recovery (eval_scripts.recovery): the target's test accuracy after an attacker fine-tunes
+  each selected merge on k labelled examples.
 - `<output>-tradeoff.png`: each standalone setting's cost of protection at s = 1 against what is
   left at s = 0.5 above the zero-shot base, with the foundation issue's target box
   (cost ≤ 1.5 points, at most 5 points above the base).
 """
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +121,12 @@ def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
             r["protected lower?"] = "yes" if r["target Trap²"] < r["target control"] else "NO"
         md += _markdown(rows, f"Post-merging: {group}")
         tex += _latex(rows, f"Post-merging: {group}")
+    for path in sorted(root.glob("**/recovery.csv")):
+        rows = [{k: (float(v) / 100 if k.startswith(("merged", "recovered")) else v) for k, v in r.items()}
+                for r in csv.DictReader(open(path))]
+        title = f"Few-shot recovery: {path.parent.relative_to(root)}"
+        md += _markdown(rows, title)
+        tex += _latex(rows, title)
     out = Path(cfg.output or root / "tables")
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text("\n".join(md) + "\n")

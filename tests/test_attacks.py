@@ -1,4 +1,5 @@
 """The attackers beyond the paper's five: RegMean, Chain of Merges, and PEFT's own adapter merging."""
+import csv
 import json
 
 import pytest
@@ -167,3 +168,64 @@ def test_new_attackers_run_the_whole_protocol(trained_updates, tmp_path, method)
         assert grid in res["params"]
     points = [json.loads(l) for l in (out / "points.jsonl").read_text().splitlines()]
     assert any(p["phase"].startswith("grid:") for p in points)
+
+
+def test_recovery_fine_tunes_each_start_and_resumes(trained_updates, tmp_path):
+    from eval_scripts.recovery import RecoveryConfig, run_recovery
+
+    cfg = RecoveryConfig(target="gtsrb", protected=[str(trained_updates["gtsrb-trap2"])],
+                         control=[str(trained_updates["gtsrb-plain"])], others=[str(trained_updates["mnist-plain"])],
+                         coef_start=0.5, coef_stop=1.0, coef_step=0.5, patience=1, method_grid=False,
+                         shots=[4, 16], recovery_seeds=[0, 1], recovery_steps=6, output_dir=str(tmp_path),
+                         progress=False)
+    out = run_recovery(cfg)
+    rows = list(csv.DictReader(open(out)))
+    assert {(r["start"], r["k"]) for r in rows} == {(s, k) for s in ("protected", "control", "zero-shot")
+                                                    for k in ("4", "16")}
+    records = [json.loads(l) for l in (tmp_path / "recovery.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and all(0 <= r["recovered_test"] <= 1 for r in records)
+    # 16 examples move the model: the fine-tune trains (test accuracy changes from the merged model's)
+    assert any(r["recovered_test"] != r["merged_test"] for r in records if r["k"] == 16)
+    assert (tmp_path / "recovery.png").stat().st_size > 0
+    import eval_scripts.recovery as rec
+
+    original = rec.fine_tune
+    rec.fine_tune = lambda *a, **k: pytest.fail("a finished recovery study trained again")
+    try:
+        run_recovery(cfg)
+    finally:
+        rec.fine_tune = original
+
+
+def test_recovery_is_reproducible_for_a_seed(trained_updates):
+    from eval_scripts.recovery import RecoveryConfig, fine_tune
+
+    updates, _, ev = _evaluator(trained_updates, ("gtsrb-plain",))
+    cfg = RecoveryConfig(target="gtsrb", recovery_steps=4)
+    target = ev.tasks["gtsrb"]
+    a, b = (fine_tune(target.classifier, target.task, updates[0], cfg, 8, 5, torch.device("cpu")) for _ in range(2))
+    assert a == b
+
+
+def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path):
+    from conftest import TINY_BASE, TINY_SPLITS
+    from eval_scripts.attacks import AttacksConfig, attacks
+    from eval_scripts.reproduce import merge_root
+
+    cfg = AttacksConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, lambda_reg=0.1,
+                        base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS), max_steps=6, eval_freq=3,
+                        warmup_steps=2, batch_size=16, lr=3e-3, head_shots=4, progress=False, val_limit=32,
+                        attack_methods=["peft_cat", "regmean"], statistics_examples=8, shots=[4],
+                        recovery_seeds=[0], recovery_steps=3)
+    out = attacks(cfg)
+    report = json.loads((out.parent / "attacks.json").read_text())
+    assert [c["claim"].split(":")[0] for c in report["claims"]] == [
+        "all-task merge, peft_cat/full", "all-task merge, regmean/full",
+        "two-task merge with-mnist, peft_cat/full", "two-task merge with-mnist, regmean/full"]
+    summary = json.loads((merge_root(cfg, 420, "all-tasks") / "regmean-full" / "summary.json").read_text())
+    assert report["claims"][1]["protected"]["mean"] == pytest.approx(
+        100 * summary["scenarios"]["protected"]["test"]["gtsrb"])
+    assert {r["start"] for r in report["recovery"]} == {"protected", "control", "zero-shot"}
+    text = out.read_text()
+    assert "| peft_cat/full |" in text and "Few-shot recovery" in text
+    assert "Few-shot recovery" in (out.parent / "tables.md").read_text()
