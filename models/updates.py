@@ -145,18 +145,31 @@ def save_update(out_dir: str | Path, net: nn.Module, update: ScaledUpdate, metad
     out.mkdir(parents=True, exist_ok=True)
     if update.kind == "lora":
         net.save_pretrained(out)
+        weights = out / PEFT_WEIGHTS
+        save_file(load_file(str(weights)), str(weights), metadata=tensor_file_metadata(update.kind, metadata))
     elif update.kind == "full":
         deltas = {}
         for name, p in update.params.items():
             if not name.startswith(prefix):
                 continue
             deltas[name[len(prefix):]] = (p.detach() - update.anchors[name]).to("cpu").contiguous()
-        save_file(deltas, str(out / FULL_FILE))
+        save_file(deltas, str(out / FULL_FILE), metadata=tensor_file_metadata(update.kind, metadata))
     else:
         raise UpdateError(f"unknown update kind {update.kind!r}")
     _atomic_write_text(out / METADATA_FILE, json.dumps({"kind": update.kind, **metadata}, indent=2))
     _atomic_write_text(out / CARD_FILE, model_card(update.kind, metadata))  # replaces PEFT's empty template
     return out
+
+
+def tensor_file_metadata(kind: str, meta: dict) -> dict[str, str]:
+    """The safetensors header of a release: `format: pt` (what transformers and PEFT expect) and where it
+    came from. For people and tools that read headers; loading never reads it (trap2_update.json is checked)."""
+    provenance = meta.get("provenance") or {}
+    values = {"format": "pt", "trap2_kind": kind, "trap2_task": meta.get("task"),
+              "trap2_protected": meta.get("protected"), "trap2_lambda_reg": meta.get("lambda_reg"),
+              "trap2_seed": meta.get("seed"), "base_model": meta.get("base_model"),
+              "base_fingerprint": meta.get("base_fingerprint"), "trap2_commit": provenance.get("code_commit")}
+    return {k: str(v) for k, v in values.items() if v is not None}
 
 
 def model_card(kind: str, meta: dict) -> str:

@@ -25,6 +25,12 @@ def test_trained_update_is_a_peft_adapter_and_round_trips(trained_updates):
     assert front["library_name"] == "peft" and front["base_model"] == meta["base_model"]
     assert {"trap2", "unmergeable", "lora", "gtsrb"} <= set(front["tags"]) and "λ = 0.1" in card
     assert set(meta["test_by_scale"]) == {"0", "0.125", "0.5", "1"}
+    from safetensors import safe_open
+
+    with safe_open(str(path / PEFT_WEIGHTS), "pt") as fh:  # the header transformers and people read
+        header = fh.metadata()
+    assert header["format"] == "pt" and header["base_fingerprint"] == meta["base_fingerprint"]
+    assert header["trap2_task"] == "gtsrb" and float(header["trap2_lambda_reg"]) == 0.1
     base = load_base(meta["base_model"], meta["base_options"])
     assert base.fingerprint == meta["base_fingerprint"]
     x = torch.randn(4, 3, 32, 32)
