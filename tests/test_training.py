@@ -224,3 +224,58 @@ def test_heads_of_other_split_sizes_are_built_from_their_own_training_images(tmp
         heads.append(task_head(base, task, data))
         assert torch.equal(heads[-1], own)
     assert not torch.equal(heads[0], heads[1])
+
+
+class RecordingHub:
+    """Stands in for huggingface_hub.HfApi: records what would be created and uploaded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.calls.append(("create_repo", repo_id, private))
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
+        self.calls.append(("upload_folder", repo_id, folder_path, tuple(allow_patterns)))
+        return type("Commit", (), {"commit_url": f"https://hf.co/{repo_id}/commit/1"})()
+
+
+def test_push_to_hub_uploads_only_the_release_files_of_a_finished_run(trained_updates, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    from training_scripts.__main__ import main
+
+    folder = tmp_path / "release"
+    shutil.copytree(trained_updates["gtsrb-trap2"], folder)
+    (folder / "stray.pt").write_bytes(b"not part of a release")
+    hub = RecordingHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    args = tiny_train_args(folder, lambda_reg=0.1)
+    argv = [item for k, v in args.items() if not isinstance(v, dict) for item in (f"--{k}", str(v))]
+    argv += ["--base_options", json.dumps(args["base_options"]), "--split_sizes", json.dumps(args["split_sizes"]),
+             "--push_to_hub", "me/gtsrb-trap2"]
+    before = (folder / METADATA_FILE).stat().st_mtime_ns
+    main(argv)  # a finished run: nothing retrains, the release is uploaded
+    assert (folder / METADATA_FILE).stat().st_mtime_ns == before
+    assert hub.calls[0] == ("create_repo", "me/gtsrb-trap2", True)
+    _, repo, path, files = hub.calls[1]
+    assert repo == "me/gtsrb-trap2" and path == str(folder)
+    assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "trap2_update.json"}
+
+
+def test_push_to_hub_refuses_a_bad_repo_id_and_a_corrupt_release(trained_updates, tmp_path):
+    import shutil
+
+    from models.hub import push_release
+
+    with pytest.raises(ValueError, match="owner/name"):
+        push_release(trained_updates["gtsrb-trap2"], "no-owner", api=RecordingHub())
+    folder = tmp_path / "broken"
+    shutil.copytree(trained_updates["gtsrb-trap2"], folder)
+    (folder / PEFT_WEIGHTS).write_bytes(b"garbage")
+    hub = RecordingHub()
+    with pytest.raises(UpdateError, match="not a readable safetensors"):
+        push_release(folder, "me/x", api=hub)
+    assert hub.calls == []  # nothing left the machine

@@ -55,6 +55,10 @@ class RunConfig:
     output_dir: str | None = option(None, "run folder; default: runs/<suite>/<model>/<peft>/<task>-trap2|plain")
     overwrite: bool = option(False, "replace a finished or interrupted run in output_dir instead of refusing")
     progress: bool = option(True, "show a progress bar")
+    push_to_hub: str | None = option(
+        None, "after training (or for a finished run), upload the release to this Hub repo, owner/name (token: "
+              "HF_TOKEN or `hf auth login`)")
+    hub_private: bool = option(True, "create the Hub repo private")
     unprotected: dict | None = option(
         None, "settings that replace these for an unprotected run (λ = 0), e.g. the release's plain-trainer "
               "optimiser {weight_decay: 0.1, beta2: 0.999, eps: 1.0e-8, max_grad_norm: null}")

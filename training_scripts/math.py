@@ -26,7 +26,7 @@ from models.runtime import pin_threads, provenance, resolve_device, run_cli
 from models.updates import ScaledUpdate, save_update
 from training_scripts.config import RunConfig, config_dict, parse_run_config, run_name
 from training_scripts.loop import run_loop
-from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
+from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir, publish,
                                    seed_everything)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -228,7 +228,7 @@ def main(argv=None, protected: bool | None = None) -> None:
     """`protected`: set by the paper's command names (True: Trap², False: the unprotected baseline)."""
     cfg = parse_run_config(MathConfig, argv, "Train one math LoRA update, protected with Trap² when --lambda_reg > 0.",
                            protected)
-    train_math(cfg)
+    publish(cfg, train_math(cfg))
 
 
 if __name__ == "__main__":

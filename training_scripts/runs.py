@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import distributed
+from models.hub import push_release
 from models.storage import FolderLock, LOCK_FILE
 from models.updates import METADATA_FILE
 from training_scripts.config import RunConfig, config_dict
@@ -18,7 +20,7 @@ from training_scripts.objective import ScaleSampler, Trap2Objective
 
 SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
 BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
-               "eval_batch_size"}
+               "eval_batch_size", "push_to_hub", "hub_private"}
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
                "off_loss_cap"}
 
@@ -77,6 +79,12 @@ def close_run_dir(out_dir: Path) -> None:
     (out_dir / CHECKPOINT).unlink(missing_ok=True)
     (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # the metadata now holds the settings
     release_run_dir(out_dir)
+
+
+def publish(cfg: RunConfig, out_dir: Path) -> None:
+    """--push_to_hub: the finished release goes to the Hub (from the main process only)."""
+    if cfg.push_to_hub and distributed.is_main():
+        print(f"uploaded {out_dir} to {push_release(out_dir, cfg.push_to_hub, cfg.hub_private)}")
 
 
 def seed_everything(seed: int) -> None:
