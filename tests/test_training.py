@@ -279,3 +279,40 @@ def test_push_to_hub_refuses_a_bad_repo_id_and_a_corrupt_release(trained_updates
     with pytest.raises(UpdateError, match="not a readable safetensors"):
         push_release(folder, "me/x", api=hub)
     assert hub.calls == []  # nothing left the machine
+
+
+def test_report_to_mirrors_metrics_and_imports_nothing_unless_chosen(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    train_vision(TrainConfig(**tiny_train_args(tmp_path / "none", max_steps=2)))
+    assert "wandb" not in sys.modules and "torch.utils.tensorboard" not in sys.modules
+
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            self.init, self.logged = kwargs, []
+            runs.append(self)
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: FakeRun(**kw)))
+    out = train_vision(TrainConfig(**tiny_train_args(tmp_path / "wandb", lambda_reg=0.1, report_to="wandb")))
+    (run,) = runs
+    assert run.init["project"] == "trap2" and run.init["config"]["lambda_reg"] == 0.1
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(run.logged) == len(lines)  # every metrics.jsonl record, with its step
+    assert [step for step, _ in run.logged] == [l["step"] for l in lines]
+    assert any("val_metric" in values for _, values in run.logged)
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train_vision(TrainConfig(**tiny_train_args(tmp_path / "tb", report_to="tensorboard")))
+    else:
+        out = train_vision(TrainConfig(**tiny_train_args(tmp_path / "tb", report_to="tensorboard")))
+        assert any((out / "tensorboard").iterdir())
+    with pytest.raises(ValueError, match="--report_to must be one of"):
+        TrainConfig(**tiny_train_args(tmp_path / "x", report_to="mlflow"))

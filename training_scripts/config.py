@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.options import option, parse_config
+from training_scripts.reporting import REPORTERS
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RunConfig:
     output_dir: str | None = option(None, "run folder; default: runs/<suite>/<model>/<peft>/<task>-trap2|plain")
     overwrite: bool = option(False, "replace a finished or interrupted run in output_dir instead of refusing")
     progress: bool = option(True, "show a progress bar")
+    report_to: str = option("none", "also log training metrics to: none, tensorboard or wandb (metrics.jsonl always)")
     push_to_hub: str | None = option(
         None, "after training (or for a finished run), upload the release to this Hub repo, owner/name (token: "
               "HF_TOKEN or `hf auth login`)")
@@ -74,6 +76,8 @@ class RunConfig:
                     setattr(self, name, value)
         if self.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
+        if self.report_to not in REPORTERS:
+            raise ValueError(f"--report_to must be one of {', '.join(REPORTERS)}, got {self.report_to!r}")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"--schedule must be cosine or linear, got {self.schedule!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_freq", "patience"):

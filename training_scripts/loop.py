@@ -24,6 +24,7 @@ from models.storage import append_jsonl, atomic_path
 from models.updates import ScaledUpdate
 from models import distributed
 from training_scripts.objective import LossFn, Trap2Objective
+from training_scripts.reporting import Reporter, make_reporter
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,6 +46,8 @@ class LoopSettings:
     schedule: str = "cosine"  # cosine | linear
     grad_accum: int = 1  # micro-batches per step: batch_at(step * grad_accum + i)
     schedule_steps: int | None = None  # the LR decay's span; None: max_steps
+    report_to: str = "none"  # none | tensorboard | wandb (training_scripts.reporting)
+    run_config: dict | None = None  # the run's settings, for a reporter that records them
 
 
 @dataclass
@@ -66,13 +69,16 @@ def resolve_amp(amp: str, device: torch.device, auto_gpu: str = "fp16") -> str:
 
 
 class MetricsLog:
-    """JSON lines, one record a write, so a crash loses at most the line being written (cut off on the next)."""
+    """JSON lines, one record a write, so a crash loses at most the line being written (cut off on the next);
+    each record also goes to the --report_to reporter, if any."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, reporter: Reporter | None = None):
+        self.path, self.reporter = path, reporter
 
     def write(self, **record) -> None:
         append_jsonl(self.path, record)
+        if self.reporter is not None:
+            self.reporter(record)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -103,7 +109,8 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    log = MetricsLog(out_dir / "metrics.jsonl") if main else None
+    log = MetricsLog(out_dir / "metrics.jsonl", make_reporter(settings.report_to, out_dir, settings.run_config or {})
+                     ) if main else None
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "seconds": 0.0}
     best_weights = [p.detach().clone() for p in trainable]

@@ -20,7 +20,7 @@ from training_scripts.objective import ScaleSampler, Trap2Objective
 
 SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
 BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
-               "eval_batch_size", "push_to_hub", "hub_private"}
+               "eval_batch_size", "push_to_hub", "hub_private", "report_to"}
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
                "off_loss_cap"}
 
@@ -113,4 +113,5 @@ def loop_settings(cfg: RunConfig, device: torch.device, auto_amp: str = "fp16") 
         max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
         eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
         amp=resolve_amp(cfg.amp, device, auto_amp), progress=cfg.progress, schedule=cfg.schedule,
-        grad_accum=cfg.grad_accum, schedule_steps=cfg.schedule_steps)
+        grad_accum=cfg.grad_accum, schedule_steps=cfg.schedule_steps, report_to=cfg.report_to,
+        run_config=config_dict(cfg))
