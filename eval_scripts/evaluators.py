@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -15,7 +14,7 @@ from dataset.math import load_math_task
 from models.backbones import BACKBONES, Base, load_base
 from models.causal_lm import LM_RECIPES, accuracy, load_causal_lm, offline_lm_is_built
 from models.classifier import ZeroShotClassifier
-from models.updates import ReleasedUpdate, UpdateError, base_request
+from models.updates import ReleasedUpdate, UpdateError, base_request, refuse_unbuilt_base
 from models.pretrain import RECIPES, offline_base_is_built
 from models.vision import DataSettings, evaluate, load_task, task_head
 from task_merger import apply_merged
@@ -78,19 +77,6 @@ class Evaluator:
             for h in hooks:
                 h.remove()
         return {name: (total / rows).cpu() for name, (total, rows) in sums.items()}
-
-
-def refuse_unbuilt_base(updates: list[ReleasedUpdate], name: str, options: dict,
-                        is_built: Callable[..., bool]) -> None:
-    """An offline base the updates name must already be cached here: an update may not start pretraining."""
-    try:
-        built = is_built(name, **{k: v for k, v in options.items() if v is not None})
-    except KeyError as e:  # a recipe field the offline base does not have
-        raise UpdateError(f"{updates[0].path}: base {name}: {e.args[0]}") from None
-    if not built:
-        raise UpdateError(f"{updates[0].path}: base {name} with options {options} is not built on this machine, "
-                          f"and an update may not start pretraining; build it first (the command that trained "
-                          f"the update) or pass --base_options")
 
 
 @dataclass

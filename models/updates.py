@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -335,6 +335,19 @@ def base_request(updates: list["ReleasedUpdate"], user_options: dict | None,
             raise UpdateError(f"{u.path}: its base options {u.metadata.get('base_options')} differ from "
                               f"{updates[0].path}'s {options}; pass --base_options to choose the base")
     return name, options
+
+
+def refuse_unbuilt_base(updates: list[ReleasedUpdate], name: str, options: dict,
+                        is_built: Callable[..., bool]) -> None:
+    """An offline base the updates name must already be cached here: an update may not start pretraining."""
+    try:
+        built = is_built(name, **{k: v for k, v in options.items() if v is not None})
+    except KeyError as e:  # a recipe field the offline base does not have
+        raise UpdateError(f"{updates[0].path}: base {name}: {e.args[0]}") from None
+    if not built:
+        raise UpdateError(f"{updates[0].path}: base {name} with options {options} is not built on this machine, "
+                          f"and an update may not start pretraining; build it first (the command that trained "
+                          f"the update) or pass --base_options")
 
 
 def _read_json(path: Path) -> dict:
