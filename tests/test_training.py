@@ -316,3 +316,49 @@ def test_report_to_mirrors_metrics_and_imports_nothing_unless_chosen(tmp_path, m
         assert any((out / "tensorboard").iterdir())
     with pytest.raises(ValueError, match="--report_to must be one of"):
         TrainConfig(**tiny_train_args(tmp_path / "x", report_to="mlflow"))
+
+
+def test_two_vision_processes_under_torchrun_hold_identical_weights_after_every_step(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}:{repo / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(repo / "tests" / "ddp_vision_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert len(ranks[0]["hashes"]) == 4 and ranks[0]["hashes"] == ranks[1]["hashes"]
+    assert len(set(ranks[0]["hashes"])) == 4  # the weights changed at every step
+    meta = json.loads((tmp_path / "run" / METADATA_FILE).read_text())
+    assert meta["processes"] == 2 and load_update(tmp_path / "run").kind == "lora"
+
+
+def test_sharded_batches_split_each_step_between_processes_and_cover_the_epoch():
+    from training_scripts.vision import StepBatches
+
+    class Task:
+        def size(self, split):
+            return 40
+
+        def batch(self, split, rows):
+            return rows.clone(), rows.clone()
+
+    import models.distributed as dist_mod
+
+    def batches(world, rank, steps):
+        dist_mod_world, dist_mod_rank = dist_mod.world_size, dist_mod.rank
+        dist_mod.world_size, dist_mod.rank = (lambda: world), (lambda: rank)
+        try:
+            at = StepBatches(Task(), 4, seed=3, num_workers=0, device=torch.device("cpu"))
+            return [at(s)[0].tolist() for s in range(steps)]
+        finally:
+            dist_mod.world_size, dist_mod.rank = dist_mod_world, dist_mod_rank
+
+    single = batches(1, 0, 12)  # 10 batches an epoch, into the second epoch
+    r0, r1 = batches(2, 0, 6), batches(2, 1, 6)
+    assert [b for pair in zip(r0, r1) for b in pair] == single  # step s of 2 processes = batches 2s, 2s + 1

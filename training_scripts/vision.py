@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dataset.vision import prefetched
+from models import distributed
 from models.backbones import load_base
 from models.runtime import pin_threads, provenance, resolve_device
 from models.updates import ScaledUpdate, save_update
@@ -47,7 +48,8 @@ def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
 
 
 class StepBatches:
-    """batch_at(step): epoch-wise permutations seeded by (seed, epoch), last partial batch dropped.
+    """batch_at(step): epoch-wise permutations seeded by (seed, epoch), last partial batch dropped; under
+    torchrun each process takes global batch step · world + rank (its shard of the step's examples).
 
     Steps are asked for in order, so the batches of the current epoch stream from `prefetched`
     (workers prepare them ahead); a jump (resuming mid-epoch) restarts the stream at that step.
@@ -57,16 +59,20 @@ class StepBatches:
         self.task, self.batch_size, self.seed, self.workers, self.device = task, batch_size, seed, num_workers, device
         self.n_train = task.size("train")
         self.per_epoch = max(1, self.n_train // batch_size)
-        self.next_step, self.stream = None, None
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.next_step, self.stream, self.epoch = None, None, None
 
     def _start(self, step: int) -> None:
-        epoch, k = divmod(step, self.per_epoch)
-        order = epoch_order(self.n_train, self.seed, epoch)
-        chunks = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(k, self.per_epoch)]
+        first = step * self.world + self.rank
+        self.epoch = first // self.per_epoch
+        order = epoch_order(self.n_train, self.seed, self.epoch)
+        ends = range(first, (self.epoch + 1) * self.per_epoch, self.world)  # this process's batches of the epoch
+        chunks = [order[(g % self.per_epoch) * self.batch_size:(g % self.per_epoch + 1) * self.batch_size]
+                  for g in ends]
         self.stream = prefetched(self.task, "train", chunks, self.workers, self.device.type == "cuda")
 
     def __call__(self, step: int):
-        if step != self.next_step or step % self.per_epoch == 0:
+        if step != self.next_step or (step * self.world + self.rank) // self.per_epoch != self.epoch:
             self._start(step)
         self.next_step = step + 1
         x, y = next(self.stream)
@@ -81,21 +87,22 @@ def scale_report(model, update: ScaledUpdate, task, split: str, cfg: TrainConfig
     return out
 
 
-def train_vision(cfg: TrainConfig) -> Path:
-    """Trains one update and saves it (with metadata and metrics) to the output folder."""
+def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None = None) -> Path:
+    """Trains one update and saves it (with metadata and metrics) to the output folder. Under torchrun /
+    accelerate launch, data parallel: each process a shard of every batch, gradients averaged, so every
+    process holds the same weights; the main process writes. `on_step(step, params)`: after each step."""
     if not cfg.dataset:
         raise ValueError("--dataset is required (e.g. --dataset gtsrb)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("the vision trainer runs in one process (one GPU); launch it without torchrun. "
-                         "Multi-process training is implemented for the math trainer.")
     if cfg.suite == "vision8":  # fail on missing data before loading (large) weights
         from dataset.vision8 import check_dataset
 
         check_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    device = distributed.init_from_env(resolve_device(cfg.device))
+    main = distributed.is_main()
     out_dir = cfg.resolved_output_dir()
-    if open_run_dir(cfg, out_dir):
+    if open_run_dir(cfg, out_dir, write=main):
         return out_dir
-    device = resolve_device(cfg.device)
+    distributed.barrier()
     pin_threads(device)
     seed_everything(cfg.seed)
     base = load_base(cfg.model, cfg.base_options, device)
@@ -119,7 +126,10 @@ def train_vision(cfg: TrainConfig) -> Path:
 
     result = run_loop(model, update, objective, loss_fn, batch_at,
                       lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
-                      loop_settings(cfg, device), out_dir, device)
+                      loop_settings(cfg, device), out_dir, device, on_step)
+    if not main:  # the main process evaluates and saves the (identical) update
+        distributed.barrier()
+        return out_dir
 
     val = evaluate(model, task, "val", cfg.eval_batch_size, device)
     test_by_scale = scale_report(model, update, task, "test", cfg, device)
@@ -131,10 +141,11 @@ def train_vision(cfg: TrainConfig) -> Path:
         "zero_shot_test_accuracy": test_by_scale["0"]["accuracy"],
         "test_by_scale": test_by_scale, "best_step": result.best_step, "steps_run": result.steps_run,
         "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
-        "provenance": provenance(base.fingerprint),
+        "processes": distributed.world_size(), "provenance": provenance(base.fingerprint),
     }
     save_update(out_dir, model.backbone.net, update, metadata, prefix="backbone.net.")
     close_run_dir(out_dir)
+    distributed.barrier()
     summary = {k: metadata[k] for k in ("task", "protected", "val_accuracy", "test_accuracy", "zero_shot_test_accuracy")}
     summary["test_accuracy_by_scale"] = {s: round(r["accuracy"], 4) for s, r in test_by_scale.items()}
     print(json.dumps(summary))
