@@ -362,3 +362,22 @@ def test_sharded_batches_split_each_step_between_processes_and_cover_the_epoch()
     single = batches(1, 0, 12)  # 10 batches an epoch, into the second epoch
     r0, r1 = batches(2, 0, 6), batches(2, 1, 6)
     assert [b for pair in zip(r0, r1) for b in pair] == single  # step s of 2 processes = batches 2s, 2s + 1
+
+
+def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys):
+    import shlex
+
+    from models.options import parse_config
+    from training_scripts.config import parse_run_config
+    from training_scripts.suite import SuiteConfig, main, suite_runs
+
+    argv = ["--config", "configs/offline/vit_lora.yaml", "--tasks", "gtsrb", "mnist", "--seeds", "420", "421",
+            "--base_options", '{"steps": 15}']
+    main(argv + ["--print_commands", "true"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    runs = suite_runs(parse_config(SuiteConfig, argv), ["gtsrb", "mnist"])
+    assert len(lines) == len(runs) == 8
+    for line, run in zip(lines, runs):
+        words = shlex.split(line)
+        assert words[:3] == ["python", "-m", "training_scripts"]
+        assert parse_run_config(TrainConfig, words[3:]) == run

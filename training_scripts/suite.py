@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class SuiteConfig(TrainConfig):
     # an experiment under another --runs_root gets its table next to its runs, never over the shipped one
     results: str | None = option(None, "table path without extension; default: results/<suite>/<model>/<peft>/"
                                        "standalone, or beside the runs for another --runs_root")
+    print_commands: bool = option(
+        False, "print one `python -m training_scripts ...` line per run (for a cluster scheduler) instead of training")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +97,23 @@ def prepare_bases(cfg: SuiteConfig, runs: list[TrainConfig]) -> None:
         if meta.exists() and json.loads(meta.read_text()).get("base_fingerprint") != base.fingerprint:
             print(f"note: {meta.parent} was trained on another base than {base.fingerprint}; retrain it with "
                   f"--overwrite true (or remove the folder) before merging")
+
+
+def run_command(run: TrainConfig) -> str:
+    """The shell line that trains `run` alone: every setting that differs from the trainer's default."""
+    defaults = dataclasses.asdict(TrainConfig())
+    parts = ["python", "-m", "training_scripts"]
+    for name, value in dataclasses.asdict(run).items():
+        if value == defaults[name]:
+            continue
+        parts.append(f"--{name}")
+        if isinstance(value, list):
+            parts += [str(v) for v in value]
+        elif isinstance(value, dict):
+            parts.append(json.dumps(value))
+        else:
+            parts.append("none" if value is None else str(value))
+    return shlex.join(parts)
 
 
 def train_runs(runs: list[TrainConfig], jobs: int) -> None:
@@ -207,6 +227,9 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
 
 def main(argv=None) -> None:
     cfg = parse_config(SuiteConfig, argv, "Train every task of a suite, unprotected and Trap²-protected.")
+    if cfg.print_commands:  # each line trains one run; the table: this command again once they are done
+        print("\n".join(run_command(run) for run in suite_runs(cfg, cfg.tasks or list(PAPER_TASKS))))
+        return
     train_suite(cfg)
 
 
