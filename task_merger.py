@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from models.registry import Registry
-from models.updates import LoraFactors, ReleasedUpdate, UpdateError
+from models.updates import DoraFactors, LoraFactors, ReleasedUpdate, UpdateError
 
 # ============================================================================ merge methods
 Tensors = Sequence[torch.Tensor]
@@ -230,7 +230,7 @@ class Decomposition:
 
 
 def _materialise(u) -> torch.Tensor:
-    return u.delta() if isinstance(u, LoraFactors) else u
+    return u.delta() if isinstance(u, (LoraFactors, DoraFactors)) else u
 
 
 def full_space(updates: list) -> Decomposition:
@@ -261,8 +261,8 @@ def _basis(m: torch.Tensor, side: str) -> torch.Tensor:
 def core_space(updates: list) -> Decomposition:
     """Core space: shared bases from the stacked A's and B's; merge the small cores U_Bᵀ B_i A_i V_A."""
     if not all(isinstance(u, LoraFactors) for u in updates):
-        raise UpdateError("core space needs LoRA factors (A, B) for every task; full updates have none. "
-                          "Use --merge_space full or knots for full fine-tunes.")
+        raise UpdateError("core space needs LoRA factors (A, B) for every task; full updates have none, and a DoRA "
+                          "layer is no product B·A. Use --merge_space full or knots for them.")
     a_stack = torch.cat([u.A.double() for u in updates], dim=0)
     b_stack = torch.cat([u.scaling * u.B.double() for u in updates], dim=1)
     v_ref = _basis(a_stack, "right")  # n × k_A
@@ -330,12 +330,13 @@ class TaskMerger:
 
     def _layer_inputs(self, name: str) -> list:
         """Each task's (coefficient-scaled) update of one layer; LoRA factors only if every task has them."""
-        template = next((u.lora if u.kind == "lora" else u.full)[name] for u in self.updates if name in u.names())
-        out = [_scaled((u.lora if u.kind == "lora" else u.full)[name], c) if name in u.names() else _zero_like(template)
-               for u, c in zip(self.updates, self.task_coefficients)]
-        if not all(isinstance(x, LoraFactors) for x in out):
-            out = [_materialise(x) for x in out]
-        return out
+        layers = [(u.lora if u.kind == "lora" else u.full).get(name) for u in self.updates]
+        template = next(x for x in layers if x is not None)
+        if not all(isinstance(x, LoraFactors) for x in layers if x is not None):  # full ΔW (DoRA: W(1) − W0)
+            layers = [None if x is None else _materialise(x) for x in layers]
+            template = _materialise(template)
+        return [_scaled(x, c) if x is not None else _zero_like(template)
+                for x, c in zip(layers, self.task_coefficients)]
 
     def decomposition(self, name: str) -> Decomposition:
         if name not in self._decompositions:

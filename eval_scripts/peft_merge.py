@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from peft import LoraConfig, PeftModel
 
-from models.updates import ReleasedUpdate, UpdateError
+from models.updates import LoraFactors, ReleasedUpdate, UpdateError
 from task_merger import check_same_base, get_merge_method
 
 MERGED = "merged"
@@ -59,6 +59,9 @@ class PeftMerger:
         if not updates:
             raise ValueError("nothing to merge: pass at least one update")
         for u in updates:
+            if any(not isinstance(f, LoraFactors) for f in u.lora.values()):
+                raise UpdateError(f"{u.path} is a DoRA adapter; PEFT's add_weighted_adapter merges plain LoRA "
+                                  f"adapters only (merge DoRA with our methods in full space)")
             if u.kind != "lora":
                 raise UpdateError(f"{u.path} is a full update; PEFT's add_weighted_adapter merges LoRA adapters only "
                                   f"(use our methods in full space)")

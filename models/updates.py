@@ -47,7 +47,9 @@ class UpdateError(ValueError):
 class ScaledUpdate:
     """The parameters that carry an update and their anchors; scaling by s maps p -> a + s(p − a).
 
-    LoRA: the lora_B matrices, anchored at zero (ΔW = s·B·A·α/r).
+    LoRA: the lora_B matrices, anchored at zero (ΔW = s·B·A·α/r). DoRA also scales its magnitude vectors
+    m about their start m0 = ‖W0‖ (per output row): W(s) = (m0 + s(m − m0)) ⊙ (W0 + s·ΔV) / ‖W0 + s·ΔV‖, so
+    s = 0 is the base and s = 1 the trained layer.
     Full: every trained parameter, anchored at a frozen copy of its starting value W0.
     """
 
@@ -60,7 +62,12 @@ class ScaledUpdate:
         params = {n: p for n, p in model.named_parameters() if ".lora_B." in n and p.requires_grad}
         if not params:
             raise UpdateError("no trainable lora_B parameters found: attach a LoRA adapter first")
-        return cls("lora", params, {n: None for n in params})
+        magnitudes = {n: p for n, p in model.named_parameters() if ".lora_magnitude_vector." in n and p.requires_grad}
+        anchors = {n: None for n in params}
+        for name, p in magnitudes.items():  # DoRA's start, ‖W0‖ per output row, whenever this is built
+            layer = model.get_submodule(name.split(".lora_magnitude_vector.")[0])
+            anchors[name] = layer.get_base_layer().weight.detach().float().norm(dim=1).to(p.dtype)
+        return cls("lora", {**params, **magnitudes}, anchors)
 
     @classmethod
     def full(cls, model: nn.Module) -> "ScaledUpdate":
@@ -214,13 +221,31 @@ class LoraFactors:
 
 
 @dataclass
+class DoraFactors:
+    """One DoRA layer: W = m ⊙ (W0 + ΔV) / ‖W0 + ΔV‖ (norm per output row), ΔV = scaling · B @ A. Its ΔW
+    depends on the base weight W0, which `ReleasedUpdate.check_base` attaches (`w0`)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor
+    w0: torch.Tensor | None = None
+
+    def delta(self) -> torch.Tensor:
+        if self.w0 is None:
+            raise UpdateError("a DoRA layer's ΔW depends on the base weight: call check_base with the base first")
+        direction = self.w0 + self.scaling * (self.B @ self.A)
+        return self.magnitude[:, None] * direction / direction.norm(dim=1, keepdim=True) - self.w0
+
+
+@dataclass
 class ReleasedUpdate:
     """A loaded update, keyed by the base model's parameter names (e.g. `...q_proj.weight`)."""
 
     path: Path
     kind: str
     metadata: dict
-    lora: dict[str, LoraFactors] = field(default_factory=dict)
+    lora: dict[str, LoraFactors | DoraFactors] = field(default_factory=dict)
     full: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @cached_property
@@ -259,6 +284,13 @@ class ReleasedUpdate:
         for name in self.names():
             if name not in base_state:
                 raise UpdateError(f"{self.path}: updates parameter {name!r}, which the base lacks")
+            factors = self.lora.get(name)
+            if isinstance(factors, DoraFactors):
+                w0 = base_state[name]
+                if (factors.B.shape[0], factors.A.shape[1]) != tuple(w0.shape):
+                    raise UpdateError(f"{self.path}: {name} has DoRA factors of shape {tuple(factors.B.shape)} and "
+                                      f"{tuple(factors.A.shape)}, base has {tuple(w0.shape)}")
+                factors.w0 = w0.detach().float().clone()
             shape = tuple(self.delta(name).shape)
             if shape != tuple(base_state[name].shape):
                 raise UpdateError(f"{self.path}: {name} has shape {shape}, base has "
@@ -363,7 +395,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<which>[AB])(?:\.[^.]+)?\.weight|"
+                       r"(?P<magnitude>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")
 
 
 def _finite_number(value) -> bool:
@@ -413,17 +446,29 @@ def load_update(path: str | Path) -> ReleasedUpdate:
         if m is None:
             raise UpdateError(f"{path}: unexpected tensor {key!r} in a LoRA adapter (only lora_A/lora_B "
                               f"weights are supported; biases and DoRA magnitudes are not)")
-        halves.setdefault(m["module"], {})[m["which"]] = t
+        halves.setdefault(m["module"], {})[m["which"] or "m"] = t
+    dora = bool(config.get("use_dora"))
     factors = {}
     for module, ab in halves.items():
-        if set(ab) != {"A", "B"}:
-            raise UpdateError(f"{path}: {module} has lora_{''.join(ab)} but not both A and B")
+        if set(ab) - {"m"} != {"A", "B"}:
+            raise UpdateError(f"{path}: {module} has lora_{''.join(sorted(set(ab) - {'m'}))} but not both A and B")
+        if ("m" in ab) != dora:
+            raise UpdateError(f"{path}: {module} {'lacks' if dora else 'has'} a DoRA magnitude vector while "
+                              f"{PEFT_CONFIG} says use_dora {dora}: the adapter is inconsistent")
         A, B = ab["A"].float(), ab["B"].float()
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise UpdateError(f"{path}: {module} has incompatible LoRA shapes A {tuple(A.shape)}, "
                               f"B {tuple(B.shape)} (need A r×n, B m×r)")
-        factors[f"{module}.weight"] = LoraFactors(A, B, _lora_scaling(path, config, module, A.shape[0]))
-        delta = factors[f"{module}.weight"].delta()
+        scaling = _lora_scaling(path, config, module, A.shape[0])
+        if dora:
+            magnitude = ab["m"].float()
+            if magnitude.shape != (B.shape[0],) or not torch.isfinite(magnitude).all():
+                raise UpdateError(f"{path}: {module}'s DoRA magnitude has shape {tuple(magnitude.shape)} (need "
+                                  f"({B.shape[0]},)) or holds NaN/Inf; the adapter is corrupt")
+            factors[f"{module}.weight"] = DoraFactors(A, B, scaling, magnitude)
+        else:
+            factors[f"{module}.weight"] = LoraFactors(A, B, scaling)
+        delta = scaling * (B @ A)  # DoRA: its direction update, bounded as a LoRA ΔW is
         if not torch.isfinite(delta).all() or delta.abs().max() > MAX_DELTA:
             raise UpdateError(f"{path}: {module}'s ΔW = scaling·B·A is not finite or exceeds {MAX_DELTA:g} in "
                               f"magnitude; the adapter is corrupt (no trained update is that large)")

@@ -28,6 +28,9 @@ class RunConfig:
     lora_rank: int = option(16, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = option(0.1, "dropout on the LoRA input")
+    use_dora: bool = option(
+        False, "DoRA: a magnitude vector per output row besides B·A; Trap² scales B and the magnitude's change "
+               "together (s = 0: the base), merges use ΔW = W − W0 in full or KnOTS space")
     lora_targets: list[str] | None = option(
         None, "module names carrying LoRA; default: the backbone's (q/k/v/out_proj, or fc1/fc2)")
     # optimisation

@@ -155,7 +155,7 @@ def attach_lora(lm: CausalLM, cfg: MathConfig) -> ScaledUpdate:
         lm.model.activation_checkpointing_enable({"use_reentrant": False})
     lm.model = get_peft_model(lm.model, LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_targets or LLAMA_TARGETS, bias="none", task_type="CAUSAL_LM"))
+        target_modules=cfg.lora_targets or LLAMA_TARGETS, bias="none", task_type="CAUSAL_LM", use_dora=cfg.use_dora))
     return ScaledUpdate.lora(lm.model)
 
 

@@ -37,7 +37,7 @@ def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
             backbone.enable_gradient_checkpointing()
         backbone.net = get_peft_model(backbone.net, LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=targets, bias="none"))
+            target_modules=targets, bias="none", use_dora=cfg.use_dora))
         return ScaledUpdate.lora(model)
     frozen = set(backbone.spec.projection) if cfg.freeze_projection else set()
     for name, p in backbone.net.named_parameters():
