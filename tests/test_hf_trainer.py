@@ -63,3 +63,38 @@ def test_trainer_trains_end_to_end_with_accumulation(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     Trap2Trainer(model=model, args=args, train_dataset=data, trap2=TRAP2).train()
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_trl_sft_trainer_with_trap2_steps_with_our_objectives_gradient(tmp_path):
+    import copy
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from models.causal_lm import load_causal_lm
+    from test_math import TINY_LM
+    from training_scripts.hf_trainer import with_trap2
+
+    lm = load_causal_lm("offline-llama", TINY_LM)
+    torch.manual_seed(0)
+    model = get_peft_model(lm.model, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                                lora_dropout=0.0, init_lora_weights=False))
+    ours = copy.deepcopy(model)  # our loop, without the gradient checkpointing TRL turns on
+    data = Dataset.from_list([{"prompt": f"What is {i} plus 2? ", "completion": f"{i} + 2 = {i + 2}"}
+                              for i in range(8)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no", completion_only_loss=True, gradient_checkpointing=True)
+    trainer_class = with_trap2(SFTTrainer)
+    assert trainer_class is with_trap2(SFTTrainer) and issubclass(trainer_class, SFTTrainer)
+    trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=lm.tokenizer, trap2=TRAP2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # the prompt is masked
+    objective = build_objective(TRAP2)
+    objective.backward(ours, ScaledUpdate.lora(ours), per_example_loss, batch)
+    trainer.training_step(model, batch)
+    expected, got = _trap2_grads(ours), _trap2_grads(model)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    with pytest.raises(TypeError, match="Trainer subclass"):
+        with_trap2(object)

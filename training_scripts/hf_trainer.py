@@ -6,6 +6,8 @@ accumulation, AMP, logging, saving) stays the Trainer's.
     trainer = Trap2Trainer(model=peft_model, args=TrainingArguments(...), train_dataset=data,
                            trap2=Trap2Config(lambda_reg=0.01))
     trainer.train()
+
+Any Trainer subclass gets the same step: `with_trap2(trl.SFTTrainer)(model=..., args=SFTConfig(...), ...)`.
 """
 from __future__ import annotations
 
@@ -36,22 +38,26 @@ class Trap2Config:
     seed: int = 0  # the scale draws use seed + 1, as in our trainers
 
 
+NOT_MODEL_INPUTS = {"labels", "completion_mask", "assistant_masks"}  # what TRL's collators add for the loss
+
+
 def per_example_loss(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """One loss per example from a model's logits and `labels`: cross-entropy per sequence-classification
     example, or per answer token for a causal LM (labels -100 are ignored), as the objective requires."""
-    features = {k: v for k, v in inputs.items() if k != "labels"}
+    features = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
     logits, labels = model(**features).logits, inputs["labels"]
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels, reduction="none")
     return answer_token_cross_entropy(logits, labels)
 
 
-class Trap2Trainer(Trainer):
-    """A `transformers.Trainer` whose training step accumulates the gradient of Trap²'s J.
+class Trap2Mixin:
+    """Makes a `transformers.Trainer` (or a subclass such as TRL's `SFTTrainer`) accumulate the gradient of
+    Trap²'s J in its training step; see `with_trap2`.
 
-    The update is the model's trainable LoRA B matrices when it has any (PEFT), else every trainable
-    parameter (full fine-tuning, anchored at its values when training starts). `loss_fn(model, inputs)`
-    returns one loss per example (default: `per_example_loss`).
+    The update is the model's trainable LoRA B matrices (and DoRA magnitudes) when it has any (PEFT), else
+    every trainable parameter (full fine-tuning, anchored at its values when training starts).
+    `loss_fn(model, inputs)` returns one loss per example (default: `per_example_loss`).
     """
 
     def __init__(self, *args, trap2: Trap2Config | None = None,
@@ -82,3 +88,18 @@ class Trap2Trainer(Trainer):
                                           scale_loss=scale_loss, autocast=self.compute_loss_context_manager)
         return torch.tensor(metrics["objective" if "objective" in metrics else "loss"] / steps,
                             device=self.args.device)
+
+
+_WITH_TRAP2: dict[type, type] = {}
+
+
+def with_trap2(trainer_class: type[Trainer]) -> type[Trainer]:
+    """The Trap² version of a Trainer class, e.g. `with_trap2(trl.SFTTrainer)`; it takes `trap2=Trap2Config(...)`."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"with_trap2 takes a transformers.Trainer subclass, got {trainer_class!r}")
+    if trainer_class not in _WITH_TRAP2:
+        _WITH_TRAP2[trainer_class] = type(f"Trap2{trainer_class.__name__}", (Trap2Mixin, trainer_class), {})
+    return _WITH_TRAP2[trainer_class]
+
+
+Trap2Trainer = with_trap2(Trainer)
