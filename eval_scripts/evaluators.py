@@ -12,7 +12,7 @@ import torch
 
 from dataset.math import load_math_task
 from models.backbones import BACKBONES, Base, load_base
-from models.causal_lm import LM_RECIPES, accuracy, load_causal_lm, offline_lm_is_built
+from models.causal_lm import LM_RECIPES, QUANTIZATIONS, accuracy, load_causal_lm, offline_lm_is_built
 from models.classifier import ZeroShotClassifier
 from models.updates import ReleasedUpdate, UpdateError, base_request, refuse_unbuilt_base
 from models.pretrain import RECIPES, offline_base_is_built
@@ -163,8 +163,14 @@ class MathEvaluator(Evaluator):
         name, options = base_request(updates, base_options)
         if base_options is None and name in LM_RECIPES:
             refuse_unbuilt_base(updates, name, options, offline_lm_is_built)
-        self.lm = load_causal_lm(name, options, torch.bfloat16 if device.type == "cuda" else None)
-        self.net = self.lm.model.to(device)
+        quantizations = {u.metadata.get("quantization", "none") for u in updates}
+        if len(quantizations) > 1 or not quantizations <= set(QUANTIZATIONS):
+            raise UpdateError(f"the updates were trained on bases quantized as {sorted(map(str, quantizations))}; "
+                              f"merge updates of one base, quantized one way ({', '.join(QUANTIZATIONS)})")
+        quantization = quantizations.pop()
+        self.lm = load_causal_lm(name, options, torch.bfloat16 if device.type == "cuda" else None, quantization,
+                                 device)
+        self.net = self.lm.model if getattr(self.lm.model, "is_loaded_in_4bit", False) else self.lm.model.to(device)
         state = self.net.state_dict()
         for u in updates:
             u.check_base(self.lm.fingerprint, state)

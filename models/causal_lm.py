@@ -131,11 +131,46 @@ def offline_lm_folder(name: str, progress: bool = True, **overrides) -> Path:
     return folder
 
 
-def load_causal_lm(name: str, options: dict | None = None, dtype: torch.dtype | None = None) -> CausalLM:
+QUANTIZATIONS = ("none", "nf4")  # nf4: QLoRA's 4-bit base
+
+
+def four_bit_unavailable(device: torch.device) -> str | None:
+    """Why a 4-bit NF4 base cannot be loaded here, or None when it can."""
+    import importlib.util
+
+    if device.type != "cuda":
+        return f"4-bit loading through bitsandbytes needs a CUDA GPU; this process runs on {device.type}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return None
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype | None):
+    """transformers' BitsAndBytesConfig for QLoRA's base (NF4, double quantisation), None for `none`."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16)
+
+
+def load_causal_lm(name: str, options: dict | None = None, dtype: torch.dtype | None = None,
+                   quantization: str = "none", device: torch.device | None = None) -> CausalLM:
     """Model (frozen, eval) and tokenizer. `options`: offline recipe overrides, or for hub models
-    {pretrained: local folder, revision: ...}; the hub token comes from $HF_TOKEN."""
+    {pretrained: local folder, revision: ...}; the hub token comes from $HF_TOKEN. `quantization` nf4
+    loads the base in 4 bits onto `device` (QLoRA); its fingerprint is the 4-bit base's, so a QLoRA update
+    is evaluated on the base it was trained on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantization != "none":  # fail before loading anything
+        reason = four_bit_unavailable(device or torch.device("cpu"))
+        if reason:
+            raise ValueError(f"{quantization} (QLoRA) base: {reason}; use --peft lora here")
+    quantized = quantization_config(quantization, dtype)
+    placement = {"device_map": {"": str(device)}} if quantized is not None else {}
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if name in LM_RECIPES:
         source, revision = offline_lm_folder(name, **options), None
@@ -144,7 +179,8 @@ def load_causal_lm(name: str, options: dict | None = None, dtype: torch.dtype | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, token=os.environ.get("HF_TOKEN"))
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype,
-                                                     token=os.environ.get("HF_TOKEN"))
+                                                     token=os.environ.get("HF_TOKEN"), quantization_config=quantized,
+                                                     **placement)
     except (OSError, ValueError) as e:
         raise OSError(f"could not load the causal LM {source!r}: {e}\nFor gated models set HF_TOKEN; with no "
                       f"internet download it once elsewhere (huggingface-cli download {name}) and pass "

@@ -187,3 +187,40 @@ def test_release_math_training_options(tmp_path):
     assert abs(loss - float(answer_token_losses(lm.model, right).mean())) < 1e-5
     out = train_math(_args(tmp_path, "run", task="offline-gsm8k", lambda_reg=0.05, stop_on="loss", padding_side="left"))
     assert json.loads((out / "trap2_update.json").read_text())["config"]["stop_on"] == "loss"
+
+
+def test_qlora_refuses_before_loading_where_4bit_cannot_run(tmp_path, monkeypatch):
+    import models.causal_lm as causal_lm
+
+    loads = []
+    monkeypatch.setattr(causal_lm, "offline_lm_folder", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train_math(_args(tmp_path, "q", task="offline-gsm8k", peft="qlora"))
+    assert loads == [] and not (tmp_path / "q" / METADATA_FILE).exists()
+    with pytest.raises(ValueError, match="--peft must be lora or qlora"):
+        _args(tmp_path, "x", task="offline-gsm8k", peft="full")
+
+
+def test_the_qlora_path_trains_saves_and_merges_with_4bit_loading_skipped(tmp_path, monkeypatch):
+    """bitsandbytes cannot run on this CPU, so only the 4-bit loading is skipped (the base loads unquantized);
+    everything after it runs: k-bit preparation, LoRA, Trap² training, the release (quantization recorded)
+    and its evaluation on a base loaded the same way."""
+    import models.causal_lm as causal_lm
+    from eval_scripts.linear_search import MergeConfig, run_merge_eval
+
+    monkeypatch.setattr(causal_lm, "four_bit_unavailable", lambda device: None)
+    asked = []
+    monkeypatch.setattr(causal_lm, "quantization_config", lambda q, dtype: asked.append(q))  # None: skip 4-bit
+    runs = {name: train_math(_args(tmp_path, name, task=f"offline-{task}", peft="qlora", lambda_reg=lam,
+                                   max_steps=3, eval_freq=3))
+            for name, task, lam in (("gsm8k-trap2", "gsm8k", 0.1), ("gsm8k-plain", "gsm8k", 0.0),
+                                    ("asdiv-plain", "asdiv", 0.0))}
+    assert set(asked) == {"nf4"}
+    meta = json.loads((runs["gsm8k-trap2"] / METADATA_FILE).read_text())
+    assert meta["quantization"] == "nf4" and meta["config"]["peft"] == "qlora"
+    out = run_merge_eval(MergeConfig(target="offline-gsm8k", protected=[str(runs["gsm8k-trap2"])],
+                                     control=[str(runs["gsm8k-plain"])], others=[str(runs["asdiv-plain"])],
+                                     coef_start=0.5, coef_stop=1.0, coef_step=0.5, patience=1, method_grid=False,
+                                     output_dir=str(tmp_path / "merge"), progress=False, eval_batch_size=8))
+    assert json.loads((out / "summary.json").read_text())["scenarios"]["protected"]["test"]
+    assert asked.count("nf4") == 4  # the evaluator loaded the base as the updates were trained

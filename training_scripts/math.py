@@ -38,6 +38,8 @@ class MathConfig(RunConfig):
     schedule with warm-up, batch 4, max length 512, 256 new tokens, w(s) = 1/sqrt(s)."""
 
     task: str = option("", "gsm8k, asdiv, or the offline stand-ins offline-gsm8k, offline-asdiv")
+    peft: str = option("lora", "lora, or qlora: the frozen base loaded in 4-bit NF4 through bitsandbytes (a CUDA "
+                               "GPU), the LoRA factors trained on top as usual")
     model: str = option("meta-llama/Llama-3.1-8B", "any AutoModelForCausalLM id, or offline-llama")
     model_options: dict | None = option(
         None, "{pretrained: local folder} for hub models; recipe overrides for offline-llama")
@@ -77,6 +79,8 @@ class MathConfig(RunConfig):
             raise ValueError(f"--stop_on must be accuracy or loss, got {self.stop_on!r}")
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"--padding_side must be right or left, got {self.padding_side!r}")
+        if self.peft not in ("lora", "qlora"):
+            raise ValueError(f"--peft must be lora or qlora (the math trainer trains adapters), got {self.peft!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -174,10 +178,16 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     seed_everything(cfg.seed)
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     dtype = dtypes.get(cfg.model_dtype, torch.bfloat16 if device.type == "cuda" else None)
-    lm = load_causal_lm(cfg.model, cfg.model_options, dtype)
+    quantization = "nf4" if cfg.peft == "qlora" else "none"
+    lm = load_causal_lm(cfg.model, cfg.model_options, dtype, quantization, device)
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        lm.model = prepare_model_for_kbit_training(lm.model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on what loading consumed
     update = attach_lora(lm, cfg)
-    lm.model.to(device)
+    if not getattr(lm.model, "is_loaded_in_4bit", False):  # a 4-bit base was placed while loading
+        lm.model.to(device)
     tokenizer = lm.tokenizer
     encoded = [encode(ex, tokenizer, cfg.max_length) for ex in task.splits["train"]]
     val = task.splits["val"][:cfg.val_limit] if cfg.val_limit else task.splits["val"]
@@ -209,7 +219,8 @@ def train_math(cfg: MathConfig, on_step: Callable[[int, list], None] | None = No
     if main:
         metadata = {
             "task": cfg.task, "suite": "math", "base_model": cfg.model, "base_options": lm.options,
-            "base_fingerprint": lm.fingerprint, "protected": cfg.protected, "lambda_reg": cfg.lambda_reg,
+            "base_fingerprint": lm.fingerprint, "quantization": quantization, "protected": cfg.protected,
+            "lambda_reg": cfg.lambda_reg,
             "seed": cfg.seed, "config": config_dict(cfg), "val_accuracy": val_accuracy,
             "test_accuracy": test_by_scale.get("1", {}).get("accuracy"), "test_by_scale": test_by_scale,
             "best_step": result.best_step, "steps_run": result.steps_run, "stopped_early": result.stopped_early,
