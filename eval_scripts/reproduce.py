@@ -28,7 +28,8 @@ from eval_scripts.scaling_curve import CurveConfig, scaling_curve, write_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
-from training_scripts.suite import SuiteConfig, default_results, run_dir, suite_seeds, train_suite
+from training_scripts.suite import (SuiteConfig, default_results, run_dir, suite_seeds, train_suite,
+                                   write_standalone_table)
 
 # The claims, as issue 14 states them (points of accuracy, test split).
 MAX_COST = 1.5  # standalone: fine-tuned − Trap², mean over tasks
@@ -49,6 +50,9 @@ class ReproduceConfig(SuiteConfig):
     size_spaces: list[str] | None = option(None, "spaces of the merge-size study; default: full, core")
     merge_sizes: bool = option(
         True, "run the merge-size study (the target with each other task, and with three others)")
+    report_only: bool = option(
+        False, "only rebuild the tables, figures and claims from the finished runs and merges on disk (e.g. seeds "
+               "merged on other machines); train and merge nothing")
 
 
 def results_folder(cfg: ReproduceConfig) -> Path:
@@ -219,14 +223,21 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     tasks = cfg.tasks or list(PAPER_TASKS)
     jobs = cfg.jobs or default_jobs(cfg.device)
     pin_threads(resolve_device(cfg.device))  # as every stage computes, here or in the workers
-    train_suite(cfg)
-    cells = merge_cells(cfg, tasks)
-    run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir), jobs)  # the long ones first
     folder = results_folder(cfg)
-    seed = suite_seeds(cfg)[0]
-    curve = CurveConfig(updates=[str(run_dir(cfg, cfg.target, protected, seed)) for protected in (False, True)],
-                        s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
-    write_curve(scaling_curve(curve), curve.output)
+    if cfg.report_only:
+        write_standalone_table(cfg, tasks)
+        missing = [c.output_dir for c in merge_cells(cfg, tasks) if not (Path(c.output_dir) / "summary.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"--report_only: {len(missing)} merge cells have no summary.json (first: "
+                                    f"{missing[0]}); run without --report_only to evaluate them")
+    else:
+        train_suite(cfg)
+        cells = merge_cells(cfg, tasks)
+        run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir), jobs)  # the long ones first
+        seed = suite_seeds(cfg)[0]
+        curve = CurveConfig(updates=[str(run_dir(cfg, cfg.target, protected, seed)) for protected in (False, True)],
+                            s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
+        write_curve(scaling_curve(curve), curve.output)
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     results = merge_results(cfg, tasks)
     plot_merges(cfg, len(tasks), results, folder)

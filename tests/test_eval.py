@@ -1,3 +1,4 @@
+import dataclasses
 import csv
 import json
 from pathlib import Path
@@ -181,7 +182,7 @@ def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(traine
     assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 2 * n_points
 
 
-def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path):
+def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, monkeypatch):
     from conftest import TINY_BASE, TINY_SPLITS
     from eval_scripts.reproduce import ReproduceConfig, merge_root, reproduce
 
@@ -206,6 +207,21 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path):
     for figure in ("merge-cells.png", "merge-size.png", "tables-tradeoff.png", "scaling_curve_gtsrb.png"):
         assert (folder / figure).stat().st_size > 1000
     assert (merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json").exists()
+
+    # --report_only rebuilds the report from disk, training and merging nothing
+    import eval_scripts.reproduce as rep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--report_only trained or merged")
+
+    for name in ("train_suite", "run_cells", "scaling_curve"):
+        monkeypatch.setattr(rep, name, refuse)
+    (folder / "claims.json").unlink()
+    again = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
+    assert again["claims"] == report["claims"]
+    missing = dataclasses.replace(cfg, report_only=True, merge_methods=["ties"])
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        reproduce(missing)
 
 
 def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():
