@@ -98,9 +98,11 @@ def write_report(cfg: AttacksConfig, claims: list[dict], recovery_csv: Path, fol
     for c in every:
         name = c["claim"].split(", ")[1].split(":")[0]
         adaptive = pm(c["protected_adaptive"]) if "protected_adaptive" in c else "–"
+        # a merger that wrecks the unprotected control too proves nothing about the protection
+        useless = c["control"]["mean"] <= c["zero_shot"]["mean"]
+        verdict = "– (the merger wrecks the control too)" if useless else "yes" if c["holds"] else "NO"
         lines.append(f"| {name} | {pm(c['zero_shot'])} | {pm(c['protected'])} | {adaptive} | {pm(c['control'])} | "
-                     f"{pm(c['protected_task_mean'])} | {pm(c['zero_shot_task_mean'])} | "
-                     f"{'yes' if c['holds'] else 'NO'} |")
+                     f"{pm(c['protected_task_mean'])} | {pm(c['zero_shot_task_mean'])} | {verdict} |")
     pairs = [c for c in claims if c["claim"].startswith("two-task")]
     by_attack: dict[str, list[dict]] = {}
     for c in pairs:
@@ -136,10 +138,19 @@ def attacks(cfg: AttacksConfig) -> Path:
     if cfg.target not in tasks:
         raise ValueError(f"--target {cfg.target} is not one of the suite's tasks {tasks}")
     pin_threads(resolve_device(cfg.device))
-    train_suite(cfg)
     cells = attack_cells(cfg, tasks)
-    run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir), cfg.jobs or default_jobs(cfg.device))
-    recovery_csv = run_recovery(recovery_config(cfg, tasks))
+    recovery = recovery_config(cfg, tasks)
+    if cfg.report_only:  # --report_only (ReproduceConfig): the report from what is on disk
+        recovery_csv = Path(recovery.output_dir) / "recovery.csv"
+        missing = [c.output_dir for c in cells if not (Path(c.output_dir) / "summary.json").exists()]
+        if missing or not recovery_csv.exists():
+            raise FileNotFoundError(f"--report_only: {missing[0] if missing else recovery_csv} is missing; run "
+                                    f"without --report_only to compute it")
+    else:
+        train_suite(cfg)
+        run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir),
+                  cfg.jobs or default_jobs(cfg.device))
+        recovery_csv = run_recovery(recovery)
     folder = results_folder(cfg)
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())

@@ -89,3 +89,23 @@ def tiny_open_clip(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
     return {"model_name": "trap2-tiny-convnext", "config_file": str(config),
             "pretrained": str(folder / "weights.safetensors")}
+
+
+def record_weights_per_step(out_dir):
+    """For the torchrun workers: an `on_step` callback hashing this process's trainable weights after every
+    step, and a function writing the hashes to <out_dir>/rank<N>.json."""
+    import hashlib
+    import json
+
+    from models import distributed
+
+    hashes = []
+
+    def on_step(step, params):
+        hashes.append(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest())
+
+    def write():
+        with open(f"{out_dir}/rank{distributed.rank()}.json", "w") as fh:
+            json.dump({"hashes": hashes, "world": distributed.world_size()}, fh)
+
+    return on_step, write

@@ -1,5 +1,6 @@
 """The attackers beyond the paper's five: RegMean, Chain of Merges, and PEFT's own adapter merging."""
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -207,7 +208,7 @@ def test_recovery_is_reproducible_for_a_seed(trained_updates):
     assert a == b
 
 
-def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path):
+def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path, monkeypatch):
     from conftest import TINY_BASE, TINY_SPLITS
     from eval_scripts.attacks import AttacksConfig, attacks
     from eval_scripts.reproduce import merge_root
@@ -229,3 +230,14 @@ def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path):
     text = out.read_text()
     assert "| peft_cat/full |" in text and "Few-shot recovery" in text
     assert "Few-shot recovery" in (out.parent / "tables.md").read_text()
+
+    # --report_only rebuilds the report from disk, merging and training nothing
+    import eval_scripts.attacks as att
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--report_only computed something")
+
+    for name in ("train_suite", "run_cells", "run_recovery"):
+        monkeypatch.setattr(att, name, refuse)
+    out.unlink()
+    assert attacks(dataclasses.replace(cfg, report_only=True)).read_text() == text
