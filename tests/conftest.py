@@ -109,3 +109,26 @@ def record_weights_per_step(out_dir):
             json.dump({"hashes": hashes, "world": distributed.world_size()}, fh)
 
     return on_step, write
+
+
+def weights_of_two_processes(worker: str, out_dir, *args: str) -> list[list[str]]:
+    """Runs tests/<worker> under torchrun with two CPU processes and returns each rank's weight hashes per
+    step (written by `record_weights_per_step`); fails with the workers' stderr if they fail."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port, so concurrent test runs on one machine do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}:{repo / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(repo / "tests" / worker), str(out_dir), *args]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    return [r["hashes"] for r in ranks]

@@ -101,19 +101,8 @@ def test_trl_sft_trainer_with_trap2_steps_with_our_objectives_gradient(tmp_path)
 
 
 def test_trap2_trainer_under_torchrun_keeps_identical_weights_on_both_processes(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import weights_of_two_processes
 
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}:{repo / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
-           str(repo / "tests" / "ddp_trainer_worker.py"), str(tmp_path)]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert len(ranks[0]["hashes"]) == 3 and ranks[0]["hashes"] == ranks[1]["hashes"]
-    assert len(set(ranks[0]["hashes"])) == 3  # the weights changed at every step
+    first, second = weights_of_two_processes("ddp_trainer_worker.py", tmp_path)
+    assert len(first) == 3 and first == second
+    assert len(set(first)) == 3  # the weights changed at every step

@@ -1,21 +1,17 @@
 """The LLM path on the offline stand-ins: answer scoring, label masking, sharded batches, the whole
 loop (train both, protect one, merge, generate, score) and 2-process training under torchrun."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import weights_of_two_processes
 from dataset.math import MathExample, extract_answer, is_correct, load_math_task, to_number
 from models.updates import METADATA_FILE, load_update
 from training_scripts.math import MathConfig, MicroBatches, encode, train_math
 
 TINY_LM = {"steps": 30, "pretext_train": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
            "num_attention_heads": 2}
-REPO = Path(__file__).resolve().parent.parent
 
 
 GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
@@ -121,15 +117,9 @@ def test_offline_math_loop_trains_protects_merges_and_scores(tmp_path):
 
 
 def test_two_processes_under_torchrun_hold_identical_weights_after_every_step(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(REPO / "tests" / "ddp_math_worker.py"), str(tmp_path), json.dumps(TINY_LM)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert len(ranks[0]["hashes"]) == 4 and ranks[0]["hashes"] == ranks[1]["hashes"]
-    assert len(set(ranks[0]["hashes"])) == 4  # the weights did change at every step
+    first, second = weights_of_two_processes("ddp_math_worker.py", tmp_path, json.dumps(TINY_LM))
+    assert len(first) == 4 and first == second
+    assert len(set(first)) == 4  # the weights did change at every step
     assert (tmp_path / "run" / METADATA_FILE).exists()
     assert json.loads((tmp_path / "run" / METADATA_FILE).read_text())["processes"] == 2
 

@@ -319,21 +319,11 @@ def test_report_to_mirrors_metrics_and_imports_nothing_unless_chosen(tmp_path, m
 
 
 def test_two_vision_processes_under_torchrun_hold_identical_weights_after_every_step(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import weights_of_two_processes
 
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{repo}:{repo / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(repo / "tests" / "ddp_vision_worker.py"), str(tmp_path)]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert len(ranks[0]["hashes"]) == 4 and ranks[0]["hashes"] == ranks[1]["hashes"]
-    assert len(set(ranks[0]["hashes"])) == 4  # the weights changed at every step
+    first, second = weights_of_two_processes("ddp_vision_worker.py", tmp_path)
+    assert len(first) == 4 and first == second
+    assert len(set(first)) == 4  # the weights changed at every step
     meta = json.loads((tmp_path / "run" / METADATA_FILE).read_text())
     assert meta["processes"] == 2 and load_update(tmp_path / "run").kind == "lora"
 
