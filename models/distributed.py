@@ -8,6 +8,7 @@ The base weights stay frozen and replicated: an 8B model in bf16 fits one 80 GB 
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -22,7 +23,13 @@ def init_from_env(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    atexit.register(_leave)  # a group left up at exit can abort the process in its teardown
     return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -2,6 +2,7 @@
 gloo); records a hash of this process's LoRA weights after every optimiser step."""
 import sys
 
+import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from conftest import record_weights_per_step
@@ -24,3 +25,5 @@ args = TrainingArguments(output_dir=f"{out}/trainer", per_device_train_batch_siz
                          ddp_backend="gloo")
 Trap2Trainer(model=model, args=args, train_dataset=data, trap2=TRAP2, callbacks=[Record()]).train()
 write()
+# the Trainer (accelerate) leaves its gloo group up; tear it down here, not in the interpreter's exit
+torch.distributed.destroy_process_group()
