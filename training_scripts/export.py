@@ -24,7 +24,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if (self.update is None) == (self.model is None):
-            raise ValueError("give --update (export a release) or --model with --like (import a model), not both")
+            raise ValueError("give exactly one of --update (export a release) or --model with --like (import a model)")
         if self.model is not None and self.like is None:
             raise ValueError("--model needs --like: a release of the same base, for its data settings")
         if not self.output:
