@@ -21,7 +21,7 @@ from pathlib import Path
 from eval_scripts.evaluators import Evaluator, evaluator_for
 from eval_scripts.merge_statistics import GramProvider
 from eval_scripts.peft_merge import PeftMerger
-from models.options import option
+from models.options import check_choice, option
 from models.runtime import pin_threads, provenance, resolve_device
 from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
 from models.updates import ReleasedUpdate, UpdateError, load_update
@@ -88,12 +88,9 @@ class MergeConfig:
         for name in ("patience", "eval_batch_size", "statistics_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.search_rule not in ("strict", "release"):
-            raise ValueError(f"--search_rule must be strict or release, got {self.search_rule!r}")
-        if self.ties_trim not in ("spec", "release"):
-            raise ValueError(f"--ties_trim must be spec or release, got {self.ties_trim!r}")
-        if self.normaliser not in ("own", "control"):
-            raise ValueError(f"--normaliser must be own or control, got {self.normaliser!r}")
+        check_choice("search_rule", self.search_rule, ("strict", "release"))
+        check_choice("ties_trim", self.ties_trim, ("spec", "release"))
+        check_choice("normaliser", self.normaliser, ("own", "control"))
         if self.val_limit is not None and self.val_limit < 1:
             raise ValueError(f"--val_limit must be >= 1 (or none for the whole split), got {self.val_limit}")
 

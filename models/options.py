@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -15,6 +15,13 @@ import yaml
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING):
     """A config field that carries its own --help text (a default, or a factory for a mutable one)."""
     return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def check_choice(name: str, value: Any, choices: Sequence) -> None:
+    """The one error for an option outside its choices: `--name must be a, b or c, got 'x'`."""
+    if value not in choices:
+        listed = ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}" if len(choices) > 1 else str(choices[0])
+        raise ValueError(f"--{name} must be {listed}, got {value!r}")
 
 
 def _yaml_mapping(text: str) -> dict:

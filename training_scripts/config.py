@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.options import option, parse_config
+from models.options import check_choice, option, parse_config
 from training_scripts.reporting import REPORTERS
 
 
@@ -77,12 +77,9 @@ class RunConfig:
             if self.lambda_reg == 0:
                 for name, value in self.unprotected.items():
                     setattr(self, name, value)
-        if self.amp not in ("auto", "fp16", "bf16", "none"):
-            raise ValueError(f"--amp must be auto, fp16, bf16 or none, got {self.amp!r}")
-        if self.report_to not in REPORTERS:
-            raise ValueError(f"--report_to must be one of {', '.join(REPORTERS)}, got {self.report_to!r}")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"--schedule must be cosine or linear, got {self.schedule!r}")
+        check_choice("amp", self.amp, ("auto", "fp16", "bf16", "none"))
+        check_choice("report_to", self.report_to, REPORTERS)
+        check_choice("schedule", self.schedule, ("cosine", "linear"))
         for name in ("batch_size", "grad_accum", "max_steps", "eval_freq", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -133,10 +130,8 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.peft not in ("lora", "full"):
-            raise ValueError(f"--peft must be lora or full, got {self.peft!r}")
-        if self.suite not in ("offline", "vision8"):
-            raise ValueError(f"--suite must be offline or vision8, got {self.suite!r}")
+        check_choice("peft", self.peft, ("lora", "full"))
+        check_choice("suite", self.suite, ("offline", "vision8"))
         if self.head_shots < 1:
             raise ValueError(f"--head_shots must be >= 1, got {self.head_shots}")
 

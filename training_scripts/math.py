@@ -21,7 +21,7 @@ import torch
 from dataset.math import MathExample, MathTask, load_math_task
 from models import distributed
 from models.causal_lm import CausalLM, accuracy, answer_token_cross_entropy, load_causal_lm
-from models.options import option
+from models.options import check_choice, option
 from models.runtime import pin_threads, provenance, resolve_device, run_cli
 from models.updates import ScaledUpdate, save_update
 from training_scripts.config import RunConfig, config_dict, parse_run_config, run_name
@@ -73,14 +73,10 @@ class MathConfig(RunConfig):
         super().__post_init__()
         if self.max_length < 8 or self.max_new_tokens < 1:
             raise ValueError("--max_length must be >= 8 and --max_new_tokens >= 1")
-        if self.model_dtype not in ("auto", "fp16", "bf16", "fp32"):
-            raise ValueError(f"--model_dtype must be auto, fp16, bf16 or fp32, got {self.model_dtype!r}")
-        if self.stop_on not in ("accuracy", "loss"):
-            raise ValueError(f"--stop_on must be accuracy or loss, got {self.stop_on!r}")
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"--padding_side must be right or left, got {self.padding_side!r}")
-        if self.peft not in ("lora", "qlora"):
-            raise ValueError(f"--peft must be lora or qlora (the math trainer trains adapters), got {self.peft!r}")
+        check_choice("model_dtype", self.model_dtype, ("auto", "fp16", "bf16", "fp32"))
+        check_choice("stop_on", self.stop_on, ("accuracy", "loss"))
+        check_choice("padding_side", self.padding_side, ("right", "left"))
+        check_choice("peft", self.peft, ("lora", "qlora"))  # the math trainer trains adapters
 
     @property
     def learning_rate(self) -> float:

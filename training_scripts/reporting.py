@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from models.options import check_choice
+
 REPORTERS = ("none", "tensorboard", "wandb")
 Reporter = Callable[[dict], None]  # one metrics record (with its step)
 
@@ -15,6 +17,7 @@ def _scalars(record: dict) -> dict[str, float]:
 
 
 def make_reporter(report_to: str, out_dir: Path, config: dict) -> Reporter | None:
+    check_choice("report_to", report_to, REPORTERS)
     if report_to == "none":
         return None
     if report_to == "tensorboard":
@@ -36,4 +39,3 @@ def make_reporter(report_to: str, out_dir: Path, config: dict) -> Reporter | Non
             raise ValueError("--report_to wandb needs the wandb package: pip install wandb") from None
         run = wandb.init(project="trap2", name=out_dir.name, dir=str(out_dir), config=config)
         return lambda record: run.log(_scalars(record), step=record["step"])
-    raise ValueError(f"--report_to must be one of {', '.join(REPORTERS)}, got {report_to!r}")
