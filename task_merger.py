@@ -173,6 +173,13 @@ class MergeMethod:
     peft_combination: str = ""  # merged by PEFT's add_weighted_adapter with this combination_type
     description: str = ""
 
+    def with_defaults(self, hparams: dict) -> dict:
+        """The method's hyperparameters: its defaults, overridden by `hparams` (an unknown name is an error)."""
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name} takes {sorted(self.defaults) or 'no hyperparameters'}, got {sorted(unknown)}")
+        return {**self.defaults, **hparams}
+
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 register_merge_method = MERGE_METHODS.register
@@ -352,10 +359,7 @@ class TaskMerger:
     def merge(self, method: str, isotropic: bool = False, **hparams) -> dict[str, torch.Tensor]:
         """The merged ΔW per parameter name (before the global coefficient), cached."""
         spec = get_merge_method(method)
-        unknown = set(hparams) - set(spec.defaults)
-        if unknown:
-            raise ValueError(f"{method} takes {sorted(spec.defaults) or 'no hyperparameters'}, got {sorted(unknown)}")
-        params = {**spec.defaults, **hparams}
+        params = spec.with_defaults(hparams)
         key = (method, isotropic, tuple(sorted(params.items())))
         if spec.peft_combination:
             raise ValueError(f"{method} merges whole adapters through PEFT: use eval_scripts.peft_merge.PeftMerger")

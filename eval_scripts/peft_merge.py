@@ -77,10 +77,7 @@ class PeftMerger:
             raise ValueError(f"{method} is not a PEFT combination; merge it with task_merger.TaskMerger")
         if isotropic:
             raise ValueError("PEFT merges are not isotropized; drop --isotropize for peft_* methods")
-        unknown = set(hparams) - set(spec.defaults)
-        if unknown:
-            raise ValueError(f"{method} takes {sorted(spec.defaults) or 'no hyperparameters'}, got {sorted(unknown)}")
-        params = {**spec.defaults, **hparams}
+        params = spec.with_defaults(hparams)
         key = tuple(sorted(params.items()))
         if key not in self._merged:
             model = peft_model(self.template, self.updates)
