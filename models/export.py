@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from models.backbones import BACKBONES, Base, load_base
 from models.pretrain import RECIPES, offline_base_is_built
 from models.runtime import provenance
-from models.updates import (CARD_FILE, FULL_FILE, METADATA_FILE, ReleasedUpdate, UpdateError, base_request,
-                            load_update, model_card, refuse_unbuilt_base, tensor_file_metadata)
+from models.updates import (RELEASE_IDENTITY_KEYS, ReleasedUpdate, UpdateError, base_request, load_update,
+                            refuse_unbuilt_base, write_full_release)
 
 MODEL_WEIGHTS = "model.safetensors"  # what save_pretrained writes for a model of this size
 EXPORT_RECORD = "trap2_export.json"
@@ -93,17 +93,11 @@ def import_model(model_folder: str | Path, like: str | Path, out_dir: str | Path
             deltas[name] = delta.contiguous()
     if not deltas:
         raise UpdateError(f"{weights} equals the base: there is no update to import")
-    metadata = {**{k: v for k, v in reference.metadata.items()
-                   if k in ("suite", "base_model", "base_options", "base_fingerprint", "n_classes", "config")},
+    metadata = {**{k: v for k, v in reference.metadata.items() if k in RELEASE_IDENTITY_KEYS},
                 "task": task or reference.task, "protected": lambda_reg > 0, "lambda_reg": lambda_reg,
                 "seed": None, "imported_from": str(model_folder), "provenance": provenance(base.fingerprint)}
     if task and task != reference.task:
         metadata.pop("n_classes", None)
     metadata["config"] = {**metadata.get("config", {}), "dataset": metadata["task"], "lambda_reg": lambda_reg,
                           "peft": "full"}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(deltas, str(out / FULL_FILE), metadata=tensor_file_metadata("full", metadata))
-    (out / METADATA_FILE).write_text(json.dumps({"kind": "full", **metadata}, indent=2))
-    (out / CARD_FILE).write_text(model_card("full", metadata))
-    return out
+    return write_full_release(Path(out_dir), deltas, metadata)

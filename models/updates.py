@@ -32,6 +32,8 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 UPDATE_KINDS = ("lora", "full")
 CARD_FILE = "README.md"
+# What a release derived from another (an import, a defended copy) keeps of its metadata: the base and data
+RELEASE_IDENTITY_KEYS = ("suite", "base_model", "base_options", "base_fingerprint", "n_classes", "config")
 
 
 # Bounds no genuine update comes near; past them a file is corrupt or hostile (NaN would look like protection)
@@ -168,6 +170,16 @@ def save_update(out_dir: str | Path, net: nn.Module, update: ScaledUpdate, metad
     return out
 
 
+def write_full_release(out: Path, deltas: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """A full update folder: ΔW per parameter in update.safetensors, its metadata and its card."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in deltas.items()}, str(out / FULL_FILE),
+              metadata=tensor_file_metadata("full", metadata))
+    _atomic_write_text(out / METADATA_FILE, json.dumps({"kind": "full", **metadata}, indent=2))
+    _atomic_write_text(out / CARD_FILE, model_card("full", metadata))
+    return out
+
+
 def tensor_file_metadata(kind: str, meta: dict) -> dict[str, str]:
     """The safetensors header of a release: `format: pt` (what transformers and PEFT expect) and where it
     came from. For people and tools that read headers; loading never reads it (trap2_update.json is checked)."""
@@ -187,8 +199,13 @@ def model_card(kind: str, meta: dict) -> str:
     front = {"library_name": "peft" if kind == "lora" else "pytorch", "base_model": str(meta.get("base_model")),
              "tags": tags}
     lines = ["---"] + [f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in front.items()] + ["---", ""]
-    title = "Trap²-protected" if protected else "Unprotected (λ = 0)"
+    defence = meta.get("defence") or {}
+    title = "Trap²-protected" if protected else f"{defence['title']}-defended" if defence else "Unprotected (λ = 0)"
     lines += [f"# {title} {kind} update: {meta.get('task')} on {meta.get('base_model')}", ""]
+    if defence:
+        lines += [f"Re-parameterised after training by {defence['title']} (a post-hoc defence: the same function, "
+                  f"weights moved away from the base's other fine-tunes), seed {defence.get('seed')}, strength "
+                  f"{defence.get('strength')}.", ""]
     if protected:
         lines += [f"Trained with Trap² (arXiv 2601.21898): λ = {meta.get('lambda_reg')}, w(s) = "
                   f"{cfg.get('rand_alpha_weight')}, {cfg.get('scale_samples')} off scale(s) a step from "
