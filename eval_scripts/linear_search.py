@@ -271,15 +271,14 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
             if u.task != cfg.target:
                 raise UpdateError(f"{u.path} is an update of {u.task!r}, but --target is {cfg.target!r}")
             if (name == "protected") != u.protected:
-                raise UpdateError(f"{u.path}: listed as {name} but its lambda_reg is {u.metadata.get('lambda_reg')}")
+                raise UpdateError(f"{u.path}: listed as {name} but it is {u.protection}")
     for u in others:
         if u.protected:
-            raise UpdateError(f"{u.path}: the other tasks' updates must be unprotected (lambda_reg = 0)")
+            raise UpdateError(f"{u.path}: the other tasks' updates must be unprotected, but it is {u.protection}")
     protected_others = _load_all(cfg.protected_others)
     for u in protected_others:
         if not u.protected:
-            raise UpdateError(f"{u.path}: listed in --protected_others but its lambda_reg is "
-                              f"{u.metadata.get('lambda_reg')}")
+            raise UpdateError(f"{u.path}: listed in --protected_others but it is {u.protection}")
     if protected_others and sorted(u.task for u in protected_others) != sorted(u.task for u in others):
         raise ValueError(f"--protected_others must cover the tasks of --others "
                          f"({sorted(u.task for u in others)}), got {sorted(u.task for u in protected_others)}")

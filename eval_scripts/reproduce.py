@@ -140,24 +140,12 @@ def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResu
     for cell in cells:
         if cell.group == "4-tasks":
             continue  # reported in the merge-size figure; the issue sets no bar for it
-        zero, protected, control = (cell.target(kind, cfg.target) for kind in ("zero-shot", "protected", "control"))
-        numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
-        z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
         if cell.group == "all-tasks":
-            means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values())
-                     for s in cell.per_seed]
-            zero_means = [statistics.fmean(100 * a for a in s["pre_merge"]["zero_shot"]["test"].values())
-                          for s in cell.per_seed]
-            numbers.update(protected_task_mean=_mean_std(means), zero_shot_task_mean=_mean_std(zero_means))
-            if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
-                numbers["protected_adaptive"] = _mean_std(
-                    [100 * s["scenarios"]["protected"]["adaptive"]["test"][cfg.target] for s in cell.per_seed])
-            claims.append(_claim(
-                f"all-task merge, {cell.name}: protected {cfg.target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and "
-                f"below the control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
-                p <= z + MAX_TARGET_ABOVE_ZERO_SHOT and p < c
-                and statistics.fmean(means) <= statistics.fmean(zero_means) + MAX_MEAN_ABOVE_ZERO_SHOT, **numbers))
+            claims.append(all_task_claim(cfg.target, cell))
         else:
+            zero, protected, control = (cell.target(kind, cfg.target) for kind in ("zero-shot", "protected", "control"))
+            numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
+            z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
             finetuned = statistics.fmean(100 * s["scenarios"]["control"]["finetuned_test"][cfg.target]
                                          for s in cell.per_seed)
             kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
@@ -167,6 +155,26 @@ def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResu
                 f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
                 p <= z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT and kept >= MIN_CONTROL_GAIN_KEPT, **numbers))
     return claims
+
+
+def all_task_claim(target: str, cell: CellResults) -> dict:
+    """The paper's bar for a merge of every task: the protected target ≤ zero-shot + 1 and below the control,
+    and the protected scenario's task mean ≤ the zero-shot mean + 0.5 (means over the seeds)."""
+    zero, protected, control = (cell.target(kind, target) for kind in ("zero-shot", "protected", "control"))
+    numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
+    z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
+    means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values()) for s in cell.per_seed]
+    zero_means = [statistics.fmean(100 * a for a in s["pre_merge"]["zero_shot"]["test"].values())
+                  for s in cell.per_seed]
+    numbers.update(protected_task_mean=_mean_std(means), zero_shot_task_mean=_mean_std(zero_means))
+    if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
+        numbers["protected_adaptive"] = _mean_std(
+            [100 * s["scenarios"]["protected"]["adaptive"]["test"][target] for s in cell.per_seed])
+    return _claim(
+        f"all-task merge, {cell.name}: protected {target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below the "
+        f"control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
+        p <= z + MAX_TARGET_ABOVE_ZERO_SHOT and p < c
+        and statistics.fmean(means) <= statistics.fmean(zero_means) + MAX_MEAN_ABOVE_ZERO_SHOT, **numbers)
 
 
 def plot_merges(cfg: ReproduceConfig, n_tasks: int, results: list[CellResults], folder: Path) -> None:

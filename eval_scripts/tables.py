@@ -71,11 +71,11 @@ def merge_rows(root: Path) -> list[dict]:
         zero = data["pre_merge"]["zero_shot"]["test"][target]
         row = {"group": str(path.parent.relative_to(root).parent), "method": cfg["merge_method"],
                "space": cfg["merge_space"], "zero-shot target": zero,
-               "target Trap²": p["test"][target], "target control": c["test"][target],
-               "mean Trap²": sum(p["test"].values()) / len(p["test"]),
+               "target protected": p["test"][target], "target control": c["test"][target],
+               "mean protected": sum(p["test"].values()) / len(p["test"]),
                "mean control": sum(c["test"].values()) / len(c["test"])}
         if "adaptive" in p:
-            row["target Trap² (adaptive)"] = p["adaptive"]["test"][target]
+            row["target protected (adaptive)"] = p["adaptive"]["test"][target]
         rows.append(row)
     order = {m: i for i, m in enumerate(PAPER_METHODS)}
     spaces = {s: i for i, s in enumerate(MERGE_SPACES)}
@@ -111,14 +111,15 @@ def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
     if not standalone and not merged:
         raise FileNotFoundError(f"no standalone*.json or summary.json under {root}: run training_scripts.suite "
                                 f"and eval_scripts first")
-    md = ["# Results", "", "Accuracies in %, test split."]
+    md = ["# Results", "", "Accuracies in %, test split. Post-merging: the target is protected by Trap², or by the "
+                           "post-hoc defence a group's name ends in (-params: PaRaMS, -merge_lock: Merge-Lock)."]
     tex = []
     md += _markdown(standalone, "Standalone mean accuracy (Table 1 layout)")
     tex += _latex(standalone, "Standalone mean accuracy")
     for group in dict.fromkeys(r["group"] for r in merged):
         rows = [{k: v for k, v in r.items() if k != "group"} for r in merged if r["group"] == group]
         for r in rows:
-            r["protected lower?"] = "yes" if r["target Trap²"] < r["target control"] else "NO"
+            r["protected lower?"] = "yes" if r["target protected"] < r["target control"] else "NO"
         md += _markdown(rows, f"Post-merging: {group}")
         tex += _latex(rows, f"Post-merging: {group}")
     for path in sorted(root.glob("**/recovery.csv")):

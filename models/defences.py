@@ -29,6 +29,7 @@ from torch import nn
 
 from models.backbones import Base
 from models.export import release_base
+from models.options import option
 from models.registry import Registry
 from models.runtime import provenance
 from models.updates import (CARD_FILE, METADATA_FILE, PEFT_WEIGHTS, RELEASE_IDENTITY_KEYS, DoraFactors,
@@ -200,9 +201,10 @@ DEFENCES.register(Defence("merge_lock", "Merge-Lock", merge_lock_full))
 
 @dataclass
 class DefenceOptions:
-    strength: float = 4.0  # scale factors and singular values of the random matrices lie in [1/strength, strength]
-    rank_per_head: int = 4  # LoRA (PaRaMS adapter variant): dimensions of each head that are scaled
-    seed: int = 0
+    strength: float = option(4.0, "the defences' scale factors and the random matrices' singular values lie in "
+                                  "[1/strength, strength]")
+    rank_per_head: int = option(4, "PaRaMS on a LoRA adapter: dimensions of each head it scales (the adapter's rank "
+                                   "grows by this many per head)")
 
 
 def _output_change(base: Base, state0: dict[str, torch.Tensor], before: dict[str, torch.Tensor],
@@ -220,7 +222,7 @@ def _output_change(base: Base, state0: dict[str, torch.Tensor], before: dict[str
 
 
 def defend_update(update_folder: str | Path, defence_name: str, out_dir: str | Path,
-                  options: DefenceOptions = DefenceOptions(), base_options: dict | None = None) -> Path:
+                  options: DefenceOptions = DefenceOptions(), seed: int = 0, base_options: dict | None = None) -> Path:
     """Applies a post-hoc defence to a released update and writes the defended release (the same format:
     a full update stays full, a LoRA adapter becomes a LoRA adapter of higher rank)."""
     defence = DEFENCES.lookup(defence_name)
@@ -236,7 +238,7 @@ def defend_update(update_folder: str | Path, defence_name: str, out_dir: str | P
                           f"training_scripts.export)")
     state0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
     w0 = {k: v.double() for k, v in state0.items()}
-    gen = torch.Generator().manual_seed(options.seed)
+    gen = torch.Generator().manual_seed(seed)
     before = {n: update.delta(n) for n in update.names()}
     if update.kind == "full":
         w = {n: w0[n] + before.get(n, torch.zeros_like(w0[n])).double() for n in w0}
@@ -251,7 +253,7 @@ def defend_update(update_folder: str | Path, defence_name: str, out_dir: str | P
         factors = defence.lora(source, w0, blocks, gen, options.strength, options.rank_per_head)
         factors.update({n: ba for n, ba in source.items() if n not in factors})
         after = {n: (B @ A).float() for n, (B, A) in factors.items()}
-    change = _output_change(base, state0, before, after, options.seed)
+    change = _output_change(base, state0, before, after, seed)
     if change > MAX_RELATIVE_OUTPUT_CHANGE:
         raise UpdateError(f"{defence.title} changed the model's outputs by {change:.2e} (relative), more than "
                           f"{MAX_RELATIVE_OUTPUT_CHANGE:g}: float32 lost the function at --strength {options.strength}; "
@@ -259,7 +261,7 @@ def defend_update(update_folder: str | Path, defence_name: str, out_dir: str | P
     metadata = {**{k: v for k, v in update.metadata.items() if k in RELEASE_IDENTITY_KEYS},
                 "task": update.task, "lambda_reg": update.metadata.get("lambda_reg", 0.0),
                 "seed": update.metadata.get("seed"),
-                "defence": {"name": defence.name, "title": defence.title, **dataclasses.asdict(options),
+                "defence": {"name": defence.name, "title": defence.title, "seed": seed, **dataclasses.asdict(options),
                             "source": str(update.path), "source_hash": update.content_hash,
                             "relative_output_change": change},
                 "provenance": provenance(base.fingerprint)}

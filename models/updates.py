@@ -282,7 +282,15 @@ class ReleasedUpdate:
 
     @property
     def protected(self) -> bool:
-        return float(self.metadata.get("lambda_reg", 0.0)) > 0
+        """Trained with Trap² (λ > 0) or re-parameterised by a post-hoc defence (models.defences)."""
+        return float(self.metadata.get("lambda_reg", 0.0)) > 0 or bool(self.metadata.get("defence"))
+
+    @property
+    def protection(self) -> str:
+        """What protects it, in words, for messages."""
+        defence = self.metadata.get("defence")
+        return (f"defended by {defence.get('title')}" if isinstance(defence, dict) else
+                f"trained with lambda_reg = {self.metadata.get('lambda_reg', 0.0)}")
 
     def names(self) -> list[str]:
         return sorted(self.lora if self.kind == "lora" else self.full)

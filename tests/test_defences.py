@@ -52,7 +52,7 @@ def test_a_defended_full_update_keeps_the_function_and_moves_the_weights(full_up
 
 
 def test_the_defence_is_deterministic_under_its_seed(full_update, tmp_path):
-    runs = [load_update(defend_update(full_update, "merge_lock", tmp_path / name, DefenceOptions(seed=seed))).full
+    runs = [load_update(defend_update(full_update, "merge_lock", tmp_path / name, seed=seed)).full
             for name, seed in (("a", 3), ("b", 3), ("c", 4))]
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
     assert not all(torch.equal(runs[0][n], runs[2][n]) for n in runs[0])
@@ -115,3 +115,53 @@ def test_an_unknown_defence_or_a_weak_strength_is_refused(full_update, tmp_path)
         defend_update(full_update, "lock", tmp_path / "x")
     with pytest.raises(UpdateError, match="strength must be > 1"):
         defend_update(full_update, "params", tmp_path / "x", DefenceOptions(strength=1.0))
+
+
+def test_the_defend_command_writes_a_release(full_update, tmp_path, capsys):
+    from training_scripts.defend import main
+
+    main(["--update", str(full_update), "--defence", "merge_lock", "--output", str(tmp_path / "ml"), "--seed", "2"])
+    assert "wrote" in capsys.readouterr().out
+    assert load_update(tmp_path / "ml").metadata["defence"]["seed"] == 2
+    with pytest.raises(KeyError, match="unknown defence"):
+        main(["--update", str(full_update), "--defence", "mergelock", "--output", str(tmp_path / "x")])
+
+
+def test_the_defences_command_defends_the_suite_and_reports_standalone_and_merged(tmp_path, monkeypatch):
+    import dataclasses
+
+    from conftest import TINY_BASE, TINY_SPLITS
+    from eval_scripts.defences import DefencesConfig, defended_dir, run_defences
+    from eval_scripts.reproduce import merge_root
+
+    cfg = DefencesConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, peft="full",
+                         base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS), max_steps=6, eval_freq=3,
+                         warmup_steps=2, batch_size=16, lr=1e-3, head_shots=4, progress=False, val_limit=32,
+                         merge_methods=["tv"], merge_spaces=["full"], adaptive=False)
+    out = run_defences(cfg)
+    report = json.loads((out.parent / "defences.json").read_text())
+    alone = report["standalone"]["420"]
+    assert set(alone) == {"zero-shot", "fine-tuned", "PaRaMS", "Merge-Lock", "output change"}  # no Trap² runs here
+    for defence in ("PaRaMS", "Merge-Lock"):
+        for task in ("gtsrb", "mnist"):  # the same function: the same predictions, up to a float tie
+            assert abs(alone[defence][task] - alone["fine-tuned"][task]) <= 100 / TINY_SPLITS["test"]
+        assert alone["output change"][defence] <= 1e-4
+    assert not (tmp_path / "runs" / "offline" / "offline-vit" / "full" / "gtsrb-trap2").exists()
+    summary = json.loads((merge_root(cfg, 420, "all-tasks-params") / "tv-full" / "summary.json").read_text())
+    assert summary["config"]["protected"] == [str(defended_dir(cfg, "gtsrb", "params", 420))]
+    claim = report["merges"]["tv/full"]["PaRaMS"]
+    assert claim["protected"]["mean"] == pytest.approx(100 * summary["scenarios"]["protected"]["test"]["gtsrb"])
+    assert set(report["merges"]["tv/full"]) == {"PaRaMS", "Merge-Lock"}
+    text = out.read_text()
+    assert "| tv/full |" in text and "Merge-Lock" in text and (out.parent / "defences.png").stat().st_size > 1000
+    assert "all-tasks-merge_lock" in (out.parent / "tables.md").read_text()
+
+    import eval_scripts.defences as dfs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--report_only computed something")
+
+    for name in ("defend_suite", "run_cells", "standalone"):
+        monkeypatch.setattr(dfs, name, refuse)
+    out.unlink()
+    assert run_defences(dataclasses.replace(cfg, report_only=True)).read_text() == text

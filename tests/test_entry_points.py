@@ -134,16 +134,18 @@ def test_every_option_has_help_text(capsys):
     """--help explains every option of every command (the text lives on the config field)."""
     import dataclasses
 
+    from eval_scripts.defences import DefencesConfig
     from eval_scripts.grid import GridConfig
     from eval_scripts.linear_search import MergeConfig
     from eval_scripts.reproduce import ReproduceConfig
     from eval_scripts.scaling_curve import CurveConfig
     from eval_scripts.tables import TablesConfig
     from training_scripts.math import MathConfig
+    from training_scripts.defend import DefendConfig
     from training_scripts.suite import SuiteConfig
 
     for cls in (TrainConfig, MathConfig, SuiteConfig, ReproduceConfig, MergeConfig, GridConfig, CurveConfig,
-                TablesConfig):
+                TablesConfig, DefendConfig, DefencesConfig):
         with pytest.raises(SystemExit):
             parse_config(cls, ["--help"])
         text = " ".join(capsys.readouterr().out.split())
