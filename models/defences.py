@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -76,8 +77,7 @@ def transformer_blocks(net: nn.Module, base_name: str) -> list[TransformerBlock]
 
 def _log_uniform(n: int, strength: float, gen: torch.Generator) -> torch.Tensor:
     """n factors with log-uniform magnitude in [1/strength, strength]."""
-    return torch.exp((2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * torch.log(torch.tensor(strength,
-                                                                                                   dtype=torch.float64)))
+    return torch.exp((2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * math.log(strength))
 
 
 def _random_invertible(d: int, strength: float, gen: torch.Generator) -> torch.Tensor:
@@ -92,9 +92,9 @@ def reparameterise_attention(w: dict[str, torch.Tensor], block: TransformerBlock
                              vo: list[torch.Tensor]) -> None:
     """In place, per head h: Q_h → Q_h M_h, K_h → K_h M_h⁻ᵀ (so Q_h K_hᵀ is unchanged), V_h → V_h N_h and the
     out-projection's inputs from head h → N_h⁻¹ (so the attention output is unchanged)."""
-    m, n = torch.block_diag(*qk), torch.block_diag(*vo)
     m_inv, n_inv = torch.block_diag(*map(torch.linalg.inv, qk)), torch.block_diag(*map(torch.linalg.inv, vo))
-    for projection, left in (("q", m.T), ("k", m_inv), ("v", n.T)):  # an nn.Linear computes x Wᵀ + b
+    lefts = (("q", torch.block_diag(*qk).T), ("k", m_inv), ("v", torch.block_diag(*vo).T))
+    for projection, left in lefts:  # an nn.Linear computes x Wᵀ + b, so Q M means Mᵀ W and Mᵀ b
         for kind in ("weight", "bias"):
             w[block.attention(projection, kind)] = left @ w[block.attention(projection, kind)]
     w[block.attention("out")] = w[block.attention("out")] @ n_inv.T
@@ -121,7 +121,9 @@ def permute_mlp(w: dict[str, torch.Tensor], block: TransformerBlock, perm: torch
     w[block.mlp("fc2")] = w[block.mlp("fc2")][:, perm]
 
 
-def params_full(w, w0, blocks, gen, strength):
+def params_full(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blocks: list[TransformerBlock],
+                gen: torch.Generator, strength: float) -> None:
+    """PaRaMS on complete weights, in place: the farthest MLP permutation, then random multi-head scaling."""
     for block in blocks:
         permute_mlp(w, block, farthest_permutation(w, w0, block))
         eye = torch.eye(block.head_dim, dtype=torch.float64)
@@ -129,7 +131,9 @@ def params_full(w, w0, blocks, gen, strength):
         reparameterise_attention(w, block, [x * eye for x in a], [x * eye for x in b])
 
 
-def merge_lock_full(w, w0, blocks, gen, strength):
+def merge_lock_full(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blocks: list[TransformerBlock],
+                    gen: torch.Generator, strength: float) -> None:
+    """Merge-Lock on complete weights, in place: per head, random invertible matrices on QK and on VO."""
     for block in blocks:
         reparameterise_attention(w, block, [_random_invertible(block.head_dim, strength, gen) for _ in range(block.heads)],
                                  [_random_invertible(block.head_dim, strength, gen) for _ in range(block.heads)])
