@@ -174,6 +174,7 @@ def plot_defences(cfg: DefencesConfig, claims: dict[str, dict[str, dict]], title
     names = list(claims)
     kinds = titles + ["control"]
     width = 0.8 / len(kinds)
+    drawn: list[float] = []
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.8))
     for i, kind in enumerate(kinds):
         if kind == "control":  # the same control in every group of a cell
@@ -181,11 +182,13 @@ def plot_defences(cfg: DefencesConfig, claims: dict[str, dict[str, dict]], title
         else:
             values = [claims[n][kind]["protected"]["mean"] if kind in claims[n] else float("nan") for n in names]
         ax.bar([j + (i - (len(kinds) - 1) / 2) * width for j in range(len(names))], values, width, label=kind)
+        drawn += [v for v in values if v == v]
     zero = [next(iter(claims[n].values()))["zero_shot"]["mean"] for n in names]
     ax.plot(range(len(names)), zero, "_", ms=30, mew=2.5, color="k", label="zero-shot")
+    ax.set_ylim(max(0.0, min(drawn + zero) - 8), max(drawn + zero) + 6)  # room above the bars for the legend
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set(ylabel=f"{cfg.target} test accuracy (%)", title=f"{cfg.target} after merging all tasks ({cfg.model} {cfg.peft})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=len(kinds) + 1, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
