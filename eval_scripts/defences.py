@@ -5,8 +5,8 @@ merged with the other tasks' unprotected updates, against the all-unprotected co
     python -m eval_scripts.defences --config configs/offline/vit_full.yaml   # PaRaMS and Merge-Lock
     python -m eval_scripts.defences --config configs/offline/vit_lora.yaml   # PaRaMS' adapter variant
 
-Only the unprotected runs are trained here; the Trap² rows come from eval_scripts.reproduce's runs and grid
-(the same methods and spaces) where they exist. Writes defences.{md,json} and defences.png next to the
+Only the unprotected runs are trained here; the Trap² rows come from eval_scripts.reproduce's standalone table
+and grid (the same methods and spaces) where they exist. Writes defences.{md,json} and defences.png next to the
 standalone table; the cells land under merge/seed<N>/all-tasks-<defence>/, so tables.md lists them too.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from models.defences import DEFENCES, Defence, DefenceOptions, defend_update
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, resolve_device, run_cli
 from models.updates import METADATA_FILE, load_update
-from training_scripts.suite import prepare_bases, run_dir, suite_runs, suite_seeds, train_runs
+from training_scripts.suite import default_results, prepare_bases, run_dir, suite_runs, suite_seeds, train_runs
 
 
 @dataclass
@@ -64,9 +64,12 @@ def defend_suite(cfg: DefencesConfig, tasks: list[str], defences: list[Defence])
 
 
 def standalone(cfg: DefencesConfig, tasks: list[str], defences: list[Defence]) -> dict:
-    """Per seed: test accuracy (%) of zero-shot, the unprotected, the Trap² (if trained) and each defended
-    update on its own task, and each defence's largest relative output change."""
+    """Per seed: test accuracy (%) of zero-shot, the unprotected and each defended update on its own task,
+    Trap²'s from command 1's standalone table where it has the seed, and each defence's largest relative
+    output change."""
     device = resolve_device(cfg.device)
+    table = Path(f"{cfg.results or default_results(cfg)}.json")  # command 1's standalone table, for Trap²
+    trap2_table = json.loads(table.read_text())["rows_by_seed"] if table.exists() else {}
     out = {}
     for seed in suite_seeds(cfg):
         columns = {"fine-tuned": [run_dir(cfg, t, False, seed) for t in tasks],
@@ -81,10 +84,8 @@ def standalone(cfg: DefencesConfig, tasks: list[str], defences: list[Defence]) -
             for u in us:
                 evaluator.apply({n: u.delta(n) for n in u.names()}, 1.0)
                 row[name][u.task] = 100 * evaluator.accuracy(u.task, "test")
-        trap2 = [run_dir(cfg, t, True, seed) / METADATA_FILE for t in tasks]
-        if all(f.exists() for f in trap2):
-            row["Trap²"] = {t: 100 * json.loads(f.read_text())["test_by_scale"]["1"]["accuracy"]
-                            for t, f in zip(tasks, trap2)}
+        if str(seed) in trap2_table:
+            row["Trap²"] = {r["task"]: 100 * r["trap2@1"] for r in trap2_table[str(seed)] if r["task"] in tasks}
         row["output change"] = {d.title: max(u.metadata["defence"]["relative_output_change"] for u in updates[d.title])
                                 for d in defences}
         out[str(seed)] = row
