@@ -50,7 +50,7 @@ def defended_dir(cfg: DefencesConfig, task: str, defence: str, seed: int) -> Pat
 
 def defend_suite(cfg: DefencesConfig, tasks: list[str], defences: list[Defence]) -> None:
     """Trains the unprotected runs (finished ones are skipped) and defends each; a defended folder with its
-    metadata is finished (the metadata is written last)."""
+    metadata is finished (the metadata is written after the weights)."""
     plain_runs = [run for run in suite_runs(cfg, tasks) if run.lambda_reg == 0]
     prepare_bases(cfg, plain_runs)
     train_runs(plain_runs, cfg.jobs or default_jobs(cfg.device))

@@ -18,14 +18,12 @@ is written. They need attention (W_Q, W_K, W_V, W_O per head): a ConvNeXt has no
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from models.backbones import Base
@@ -33,9 +31,8 @@ from models.export import release_base
 from models.options import option
 from models.registry import Registry
 from models.runtime import provenance
-from models.updates import (CARD_FILE, METADATA_FILE, PEFT_WEIGHTS, RELEASE_IDENTITY_KEYS, DoraFactors,
-                            LoraFactors, ReleasedUpdate, UpdateError, load_update, model_card, tensor_file_metadata,
-                            write_full_release)
+from models.updates import (RELEASE_IDENTITY_KEYS, DoraFactors, UpdateError, load_update, write_full_release,
+                            write_lora_release)
 from task_merger import apply_merged
 
 # Outputs of the defended and the original model may differ by this much, relative to the outputs' scale
@@ -226,10 +223,11 @@ def _output_change(base: Base, state0: dict[str, torch.Tensor], before: dict[str
 
 
 def defend_update(update_folder: str | Path, defence_name: str, out_dir: str | Path,
-                  options: DefenceOptions = DefenceOptions(), seed: int = 0, base_options: dict | None = None) -> Path:
+                  options: DefenceOptions | None = None, seed: int = 0, base_options: dict | None = None) -> Path:
     """Applies a post-hoc defence to a released update and writes the defended release (the same format:
     a full update stays full, a LoRA adapter becomes a LoRA adapter of higher rank)."""
     defence = DEFENCES.lookup(defence_name)
+    options = options or DefenceOptions()
     if not options.strength > 1:
         raise UpdateError(f"--strength must be > 1 (scale factors lie in [1/strength, strength]), got {options.strength}")
     update = load_update(update_folder)
@@ -272,25 +270,4 @@ def defend_update(update_folder: str | Path, defence_name: str, out_dir: str | P
     out = Path(out_dir)
     if factors is None:
         return write_full_release(out, after, metadata)
-    return _write_lora_release(out, update, factors, metadata)
-
-
-def _write_lora_release(out: Path, update: ReleasedUpdate, factors: dict, metadata: dict) -> Path:
-    """A PEFT adapter (PeftModel.from_pretrained loads it) of one rank, the factors zero-padded to it, scaling 1."""
-    from peft import LoraConfig
-
-    rank = max(B.shape[1] for B, _ in factors.values())
-    tensors = {}
-    for name, (B, A) in factors.items():
-        module = name.removesuffix(".weight")
-        pad = rank - B.shape[1]
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.nn.functional.pad(B, (0, pad)).float().contiguous()
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.nn.functional.pad(A, (0, 0, 0, pad)).float().contiguous()
-    targets = sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in factors})
-    metadata["config"] = {**metadata.get("config", {}), "lora_rank": rank, "lora_alpha": float(rank), "lora_dropout": 0.0}
-    out.mkdir(parents=True, exist_ok=True)
-    LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none").save_pretrained(out)
-    save_file(tensors, str(out / PEFT_WEIGHTS), metadata=tensor_file_metadata("lora", metadata))
-    (out / METADATA_FILE).write_text(json.dumps({"kind": "lora", **metadata}, indent=2))
-    (out / CARD_FILE).write_text(model_card("lora", metadata))
-    return out
+    return write_lora_release(out, factors, metadata)

@@ -180,6 +180,28 @@ def write_full_release(out: Path, deltas: dict[str, torch.Tensor], metadata: dic
     return out
 
 
+def write_lora_release(out: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], metadata: dict) -> Path:
+    """A PEFT adapter folder (PeftModel.from_pretrained loads it) from ΔW = B·A per base weight name: one rank, the
+    factors zero-padded to it, scaling 1 (lora_alpha = r); the metadata's config records that rank."""
+    from peft import LoraConfig
+
+    rank = max(B.shape[1] for B, _ in factors.values())
+    tensors = {}
+    for name, (B, A) in factors.items():
+        module, pad = name.removesuffix(".weight"), rank - B.shape[1]
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.nn.functional.pad(B, (0, pad)).float().contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.nn.functional.pad(A, (0, 0, 0, pad)).float().contiguous()
+    metadata = {**metadata, "config": {**metadata.get("config", {}), "lora_rank": rank, "lora_alpha": float(rank),
+                                       "lora_dropout": 0.0}}
+    out.mkdir(parents=True, exist_ok=True)
+    targets = sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in factors})
+    LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0, bias="none").save_pretrained(out)
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata=tensor_file_metadata("lora", metadata))
+    _atomic_write_text(out / METADATA_FILE, json.dumps({"kind": "lora", **metadata}, indent=2))
+    _atomic_write_text(out / CARD_FILE, model_card("lora", metadata))
+    return out
+
+
 def tensor_file_metadata(kind: str, meta: dict) -> dict[str, str]:
     """The safetensors header of a release: `format: pt` (what transformers and PEFT expect) and where it
     came from. For people and tools that read headers; loading never reads it (trap2_update.json is checked)."""
