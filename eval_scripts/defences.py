@@ -31,10 +31,16 @@ from models.updates import METADATA_FILE, load_update
 from training_scripts.suite import default_results, prepare_bases, run_dir, suite_runs, suite_seeds, train_runs
 
 
+REALIGN_METHODS = ["tv", "ties"]  # the realigning attacker's merges (full space)
+
+
 @dataclass
 class DefencesConfig(ReproduceConfig, DefenceOptions):
     defences: list[str] | None = option(
         None, "default: every defence that applies to the suite's updates (LoRA: those with an adapter variant)")
+    realign_attack: bool = option(
+        True, "also attack every defended target, and Trap²'s where its run is here, with an attacker who first "
+              "realigns each update to the base (TA and TIES, full space)")
 
 
 def chosen_defences(cfg: DefencesConfig) -> list[Defence]:
@@ -92,28 +98,43 @@ def standalone(cfg: DefencesConfig, tasks: list[str], defences: list[Defence]) -
     return out
 
 
+def protection_groups(cfg: DefencesConfig, defences: list[Defence]) -> dict[str, str]:
+    """Report column -> the merge group (folder under merge/seed<N>/) of its cells."""
+    groups = {"Trap²": "all-tasks", **{d.title: f"all-tasks-{d.name}" for d in defences}}
+    if cfg.realign_attack:
+        groups.update({f"{title} realigned": f"{group}-realigned" for title, group in groups.items()})
+    return groups
+
+
 def defence_cells(cfg: DefencesConfig, tasks: list[str], defences: list[Defence], seeds: list[int]) -> list:
+    """Per seed: the grid with each defended target, and the realigning attacker's cells (also for Trap²'s
+    target where its run is here)."""
     cells = []
     for seed in seeds:
-        for defence in defences:
-            scenario = {**target_scenario(cfg, seed), "protected": [str(defended_dir(cfg, cfg.target, defence.name, seed))]}
-            cells += grid_cells(GridConfig(**scenario, adaptive=cfg.adaptive, methods=cfg.merge_methods,
-                                           spaces=cfg.merge_spaces,
-                                           others=[str(run_dir(cfg, t, False, seed)) for t in tasks if t != cfg.target],
-                                           results_root=str(merge_root(cfg, seed, f"all-tasks-{defence.name}"))))
+        others = [str(run_dir(cfg, t, False, seed)) for t in tasks if t != cfg.target]
+        targets = {f"-{d.name}": defended_dir(cfg, cfg.target, d.name, seed) for d in defences}
+
+        def grid(target: Path, group: str, **settings) -> list:
+            return grid_cells(GridConfig(**{**target_scenario(cfg, seed), "protected": [str(target)]}, others=others,
+                                         adaptive=cfg.adaptive, results_root=str(merge_root(cfg, seed, group)), **settings))
+        for suffix, target in targets.items():
+            cells += grid(target, f"all-tasks{suffix}", methods=cfg.merge_methods, spaces=cfg.merge_spaces)
+        if cfg.realign_attack:
+            trap2 = run_dir(cfg, cfg.target, True, seed)
+            for suffix, target in {**targets, **({"": trap2} if (trap2 / METADATA_FILE).exists() else {})}.items():
+                cells += grid(target, f"all-tasks{suffix}-realigned", methods=REALIGN_METHODS, spaces=["full"],
+                              realign=True)
     return cells
 
 
 def merge_claims(cfg: DefencesConfig, tasks: list[str], defences: list[Defence]) -> dict[str, dict[str, dict]]:
-    """cell name -> protection (Trap², each defence) -> the all-task bar's claim; Trap² where reproduce's grid
-    has every seed of the cell."""
+    """cell name -> protection (Trap², each defence, each realigned) -> the all-task bar's claim, where every
+    seed of the cell is on disk (Trap²'s own cells are command 1's grid)."""
     seeds = suite_seeds(cfg)
-    groups = {"Trap²": "all-tasks", **{d.title: f"all-tasks-{d.name}" for d in defences}}
     out: dict[str, dict[str, dict]] = {}
-    for cell in defence_cells(cfg, tasks, defences[:1], seeds[:1]):
-        folder = Path(cell.output_dir).name
-        name = f"{cell.merge_method}/{cell.merge_space}"
-        for title, group in groups.items():
+    for cell in grid_cells(GridConfig(target=cfg.target, methods=cfg.merge_methods, spaces=cfg.merge_spaces)):
+        folder, name = f"{cell.merge_method}-{cell.merge_space}", f"{cell.merge_method}/{cell.merge_space}"
+        for title, group in protection_groups(cfg, defences).items():
             paths = [merge_root(cfg, seed, group) / folder / "summary.json" for seed in seeds]
             if all(p.exists() for p in paths):
                 summaries = [json.loads(p.read_text()) for p in paths]
@@ -144,7 +165,7 @@ def write_report(cfg: DefencesConfig, tasks: list[str], defences: list[Defence],
              f"## {cfg.target} after merging all {len(tasks)} tasks (the target protected, the others unprotected)", "",
              f"Bar (issue 14): protected {cfg.target} ≤ zero-shot + 1 and below the control, and the protected task "
              f"mean ≤ zero-shot mean + 0.5. Coefficient and method grid chosen on validation.", ""]
-    titles = ["Trap²", *(d.title for d in defences)]
+    titles = [t for t in protection_groups(cfg, defences) if any(t in by_title for by_title in claims.values())]
     lines += ["| cell | zero-shot | control | " + " | ".join(f"{t} ({cfg.target} / task mean / holds)" for t in titles)
               + " |", "|---" * (3 + len(titles)) + "|"]
     for name, by_title in claims.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 from eval_scripts.evaluators import Evaluator, evaluator_for
 from eval_scripts.merge_statistics import GramProvider
 from eval_scripts.peft_merge import PeftMerger
+from models.defences import realigned_update, transformer_blocks
 from models.options import check_choice, option
 from models.runtime import pin_threads, provenance, resolve_device
 from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
@@ -44,6 +45,9 @@ class MergeConfig:
     merge_method: str = option("tv", "tv, ties, dare_ties, tsv, cart (or any registered method)")
     merge_space: str = option("full", "full, knots or core")
     isotropize: bool = option(False, "replace each merged matrix's singular values by their mean (Iso-C)")
+    realign: bool = option(
+        False, "the attacker first realigns every update to the base through the attention-head and MLP symmetries "
+               "(undoing post-hoc re-parameterisations such as PaRaMS and Merge-Lock); merges in full or knots space")
     coef_start: float = option(0.1, "first merge coefficient c searched")
     coef_stop: float = option(9.9, "last merge coefficient c searched")
     coef_step: float = option(0.1, "step of the coefficient search")
@@ -91,6 +95,9 @@ class MergeConfig:
         check_choice("search_rule", self.search_rule, ("strict", "release"))
         check_choice("ties_trim", self.ties_trim, ("spec", "release"))
         check_choice("normaliser", self.normaliser, ("own", "control"))
+        if self.realign and (self.merge_space == "core" or get_merge_method(self.merge_method).peft_combination):
+            raise ValueError("--realign turns every update into a full one: merge in full or knots space, with one "
+                             "of our methods (not core space, not peft_*)")
         if self.val_limit is not None and self.val_limit < 1:
             raise ValueError(f"--val_limit must be >= 1 (or none for the whole split), got {self.val_limit}")
 
@@ -201,7 +208,8 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
         key = _key(scenario=scenario, phase=phase, c=c, params=params, target_coefficient=task_coef,
                    method=cfg.merge_method, space=cfg.merge_space, isotropize=cfg.isotropize, updates=identity,
                    val_limit=cfg.val_limit, seed=cfg.seed, data=evaluator.data_key, protocol=PROTOCOL_VERSION,
-                   normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim, **statistics)
+                   normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim, **statistics,
+                   **({"realign": True} if cfg.realign else {}))  # older logs keep their keys
         if key not in log.done:
             evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
             accs = evaluator.all_tasks(split)
@@ -284,12 +292,19 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
                          f"({sorted(u.task for u in others)}), got {sorted(u.task for u in protected_others)}")
     first = next(iter(scenarios["protected"] or scenarios["control"]))
     out = Path(cfg.output_dir or Path("results") / first.metadata["suite"] / first.metadata["base_model"] /
-               first.kind / cfg.target / f"{cfg.merge_method}-{cfg.merge_space}{'-iso' if cfg.isotropize else ''}")
+               first.kind / cfg.target / (f"{cfg.merge_method}-{cfg.merge_space}{'-iso' if cfg.isotropize else ''}"
+                                          f"{'-realigned' if cfg.realign else ''}"))
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     pin_threads(device)
     all_updates = [u for ups in scenarios.values() for u in ups] + others + protected_others
     evaluator = evaluator_for(all_updates, device, cfg)
+    if cfg.realign:
+        blocks = transformer_blocks(evaluator.net, first.metadata["base_model"])
+        realigned = {id(u): realigned_update(u, evaluator.base_state, blocks) for u in all_updates}
+        scenarios = {name: [realigned[id(u)] for u in ups] for name, ups in scenarios.items()}
+        others, protected_others = [realigned[id(u)] for u in others], [realigned[id(u)] for u in protected_others]
+        all_updates = [realigned[id(u)] for u in all_updates]
     return MergeSetup(scenarios, {"protected": protected_others or others, "control": others}, all_updates, out,
                       evaluator)
 

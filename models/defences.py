@@ -31,8 +31,8 @@ from models.export import release_base
 from models.options import option
 from models.registry import Registry
 from models.runtime import provenance
-from models.updates import (RELEASE_IDENTITY_KEYS, DoraFactors, UpdateError, load_update, write_full_release,
-                            write_lora_release)
+from models.updates import (RELEASE_IDENTITY_KEYS, DoraFactors, ReleasedUpdate, UpdateError, load_update,
+                            write_full_release, write_lora_release)
 from task_merger import apply_merged
 
 # Outputs of the defended and the original model may differ by this much, relative to the outputs' scale
@@ -97,10 +97,11 @@ def reparameterise_attention(w: dict[str, torch.Tensor], block: TransformerBlock
     w[block.attention("out")] = w[block.attention("out")] @ n_inv.T
 
 
-def farthest_permutation(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor],
-                         block: TransformerBlock) -> torch.Tensor:
-    """The permutation π of the MLP's hidden units (unit i takes unit π[i]'s weights) that maximises the
-    summed squared distance of every unit's fc1 row, bias and fc2 column from the base's unit i."""
+def unit_permutation(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], block: TransformerBlock,
+                     farthest: bool) -> torch.Tensor:
+    """The permutation π of the MLP's hidden units (unit i takes unit π[i]'s weights) that maximises (PaRaMS) or
+    minimises (the realigning attacker) the summed squared distance of every unit's fc1 row, bias and fc2
+    column from the base's unit i."""
     from scipy.optimize import linear_sum_assignment
 
     def units(state):
@@ -108,7 +109,7 @@ def farthest_permutation(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor]
                           state[block.mlp("fc2")].T], dim=1)
 
     distance = torch.cdist(units(w0), units(w)) ** 2
-    rows, cols = linear_sum_assignment(distance.numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(distance.numpy(), maximize=farthest)
     return torch.as_tensor(cols[rows.argsort()])
 
 
@@ -122,7 +123,7 @@ def params_full(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blocks:
                 gen: torch.Generator, strength: float) -> None:
     """PaRaMS on complete weights, in place: the farthest MLP permutation, then random multi-head scaling."""
     for block in blocks:
-        permute_mlp(w, block, farthest_permutation(w, w0, block))
+        permute_mlp(w, block, unit_permutation(w, w0, block, farthest=True))
         eye = torch.eye(block.head_dim, dtype=torch.float64)
         a, b = _log_uniform(block.heads, strength, gen), _log_uniform(block.heads, strength, gen)
         reparameterise_attention(w, block, [x * eye for x in a], [x * eye for x in b])
@@ -134,6 +135,38 @@ def merge_lock_full(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blo
     for block in blocks:
         reparameterise_attention(w, block, [_random_invertible(block.head_dim, strength, gen) for _ in range(block.heads)],
                                  [_random_invertible(block.head_dim, strength, gen) for _ in range(block.heads)])
+
+
+def realign_to_base(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blocks: list[TransformerBlock]) -> None:
+    """The attacker's answer to both defences, in place: the function-preserving re-parameterisation nearest the
+    base. Each MLP's units take the permutation nearest the base's; per head, G = [W0 b0]·[W b]⁺ (least squares)
+    maps the Q (and, separately, the V) projection back onto the base's, and K and O follow as the symmetry
+    demands (K by G⁻ᵀ, O's inputs by G⁻¹). An update that was never re-parameterised comes back nearly as it was."""
+    def back(projection: str, h: int) -> torch.Tensor:
+        rows = slice(h * block.head_dim, (h + 1) * block.head_dim)
+
+        def stacked(state):
+            return torch.cat([state[block.attention(projection)][rows],
+                              state[block.attention(projection, "bias")][rows, None]], dim=1)
+        return stacked(w0) @ torch.linalg.pinv(stacked(w))
+
+    for block in blocks:
+        permute_mlp(w, block, unit_permutation(w, w0, block, farthest=False))
+        reparameterise_attention(w, block, [back("q", h).T for h in range(block.heads)],
+                                 [back("v", h).T for h in range(block.heads)])
+
+
+def realigned_update(update: ReleasedUpdate, base_state: dict[str, torch.Tensor],
+                     blocks: list[TransformerBlock]) -> ReleasedUpdate:
+    """The update as a realigning attacker merges it: W0 + ΔW realigned to the base, as a full update (a LoRA
+    adapter's realigned ΔW is full rank). It keeps the file's content hash, which names the update it came from."""
+    w0 = {n: t.double() for n, t in base_state.items() if t.is_floating_point()}
+    w = {n: t + update.delta(n).double() if n in update.names() else t for n, t in w0.items()}
+    realign_to_base(w, w0, blocks)
+    deltas = {n: (w[n] - w0[n]).float() for n in w0 if n in update.names() or not torch.equal(w[n], w0[n])}
+    realigned = ReleasedUpdate(update.path, "full", update.metadata, full=deltas)
+    realigned.__dict__["content_hash"] = update.content_hash  # the cached property: the source file's hash
+    return realigned
 
 
 def _head_subspace(block: TransformerBlock, rank: int, avoid: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_args
-from models.defences import DefenceOptions, defend_update, farthest_permutation, transformer_blocks
+from models.defences import DefenceOptions, defend_update, transformer_blocks, unit_permutation
 from models.export import release_base
 from models.updates import UpdateError, load_update
 from task_merger import apply_merged
@@ -58,13 +58,13 @@ def test_the_defence_is_deterministic_under_its_seed(full_update, tmp_path):
     assert not all(torch.equal(runs[0][n], runs[2][n]) for n in runs[0])
 
 
-def test_the_farthest_permutation_is_a_permutation_at_least_as_far_as_the_identity(full_update):
+def test_the_farthest_unit_permutation_is_a_permutation_at_least_as_far_as_the_identity(full_update):
     update = load_update(full_update)
     base = release_base(update, None)
     block = transformer_blocks(base.backbone.net, base.name)[0]
     w0 = {k: v.double() for k, v in base.backbone.net.state_dict().items()}
     w = {k: v + update.full[k].double() if k in update.full else v for k, v in w0.items()}
-    perm = farthest_permutation(w, w0, block)
+    perm = unit_permutation(w, w0, block, farthest=True)
     assert sorted(perm.tolist()) == list(range(w0[block.mlp("fc1")].shape[0]))
 
     def distance(p):
@@ -151,9 +151,11 @@ def test_the_defences_command_defends_the_suite_and_reports_standalone_and_merge
     assert summary["config"]["protected"] == [str(defended_dir(cfg, "gtsrb", "params", 420))]
     claim = report["merges"]["tv/full"]["PaRaMS"]
     assert claim["protected"]["mean"] == pytest.approx(100 * summary["scenarios"]["protected"]["test"]["gtsrb"])
-    assert set(report["merges"]["tv/full"]) == {"PaRaMS", "Merge-Lock"}
+    assert set(report["merges"]["tv/full"]) == {"PaRaMS", "Merge-Lock", "PaRaMS realigned", "Merge-Lock realigned"}
+    realigned = json.loads((merge_root(cfg, 420, "all-tasks-params-realigned") / "tv-full" / "summary.json").read_text())
+    assert realigned["config"]["realign"] is True
     text = out.read_text()
-    assert "| tv/full |" in text and "Merge-Lock" in text and (out.parent / "defences.png").stat().st_size > 1000
+    assert "| tv/full |" in text and "Merge-Lock realigned" in text and (out.parent / "defences.png").stat().st_size > 1000
     assert "all-tasks-merge_lock" in (out.parent / "tables.md").read_text()
 
     import eval_scripts.defences as dfs
@@ -165,3 +167,34 @@ def test_the_defences_command_defends_the_suite_and_reports_standalone_and_merge
         monkeypatch.setattr(dfs, name, refuse)
     out.unlink()
     assert run_defences(dataclasses.replace(cfg, report_only=True)).read_text() == text
+
+
+@pytest.mark.parametrize("defence", ["params", "merge_lock"])
+def test_realigning_undoes_a_defence_and_keeps_the_function(full_update, tmp_path, defence):
+    from models.defences import realigned_update
+
+    plain = load_update(full_update)
+    defended = load_update(defend_update(full_update, defence, tmp_path / defence))
+    base = release_base(plain, None)
+    state = {k: v.clone() for k, v in base.backbone.net.state_dict().items()}
+    blocks = transformer_blocks(base.backbone.net, base.name)
+    back, plain_back = realigned_update(defended, state, blocks), realigned_update(plain, state, blocks)
+    assert back.content_hash == defended.content_hash and back.kind == "full"
+    for name in plain.names():  # both come back to the same weights: the defence is undone
+        scale = plain.full[name].abs().max() + 1e-3
+        assert (back.full[name] - plain_back.full[name]).abs().max() <= 1e-3 * scale, name
+        if "q_proj.weight" in name:  # the defended update is far from the base; realigned, no farther than plain
+            assert defended.full[name].norm() > 5 * plain.full[name].norm()
+            assert back.full[name].norm() <= plain.full[name].norm() * 1.001
+    x = _images()
+    before, after = _outputs(plain, x), _outputs(back, x)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+def test_realigning_needs_a_space_that_takes_full_updates():
+    from eval_scripts.linear_search import MergeConfig
+
+    with pytest.raises(ValueError, match="--realign turns every update into a full one"):
+        MergeConfig(target="gtsrb", merge_space="core", realign=True)
+    with pytest.raises(ValueError, match="--realign"):
+        MergeConfig(target="gtsrb", merge_method="peft_ties", realign=True)
