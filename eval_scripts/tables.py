@@ -112,7 +112,8 @@ def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
         raise FileNotFoundError(f"no standalone*.json or summary.json under {root}: run training_scripts.suite "
                                 f"and eval_scripts first")
     md = ["# Results", "", "Accuracies in %, test split. Post-merging: the target is protected by Trap², or by the "
-                           "post-hoc defence a group's name ends in (-params: PaRaMS, -merge_lock: Merge-Lock)."]
+                           "post-hoc defence a group's name names (-params: PaRaMS, -merge_lock: Merge-Lock); in "
+                           "groups ending in -realigned the attacker realigned every update to the base first."]
     tex = []
     md += _markdown(standalone, "Standalone mean accuracy (Table 1 layout)")
     tex += _latex(standalone, "Standalone mean accuracy")
