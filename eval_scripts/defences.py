@@ -147,6 +147,14 @@ def _pm(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+def _verdict(claim: dict) -> str:
+    """target / task mean / whether the bar holds; a merger that leaves even the control at or below zero-shot
+    proves nothing about the protection, and is marked so."""
+    wrecked = claim["control"]["mean"] <= claim["zero_shot"]["mean"]
+    holds = "– (the merger wrecks the control too)" if wrecked else "yes" if claim["holds"] else "NO"
+    return f"{_pm(claim['protected']['per_seed'])} / {_pm(claim['protected_task_mean']['per_seed'])} / {holds}"
+
+
 def write_report(cfg: DefencesConfig, tasks: list[str], defences: list[Defence], alone: dict,
                  claims: dict[str, dict[str, dict]]) -> Path:
     folder = results_folder(cfg)
@@ -165,24 +173,33 @@ def write_report(cfg: DefencesConfig, tasks: list[str], defences: list[Defence],
              f"## {cfg.target} after merging all {len(tasks)} tasks (the target protected, the others unprotected)", "",
              f"Bar (issue 14): protected {cfg.target} ≤ zero-shot + 1 and below the control, and the protected task "
              f"mean ≤ zero-shot mean + 0.5. Coefficient and method grid chosen on validation.", ""]
-    titles = [t for t in protection_groups(cfg, defences) if any(t in by_title for by_title in claims.values())]
+    present = [t for t in protection_groups(cfg, defences) if any(t in by_title for by_title in claims.values())]
+    titles = [t for t in present if not t.endswith(" realigned")]  # these share the cell's control
     lines += ["| cell | zero-shot | control | " + " | ".join(f"{t} ({cfg.target} / task mean / holds)" for t in titles)
               + " |", "|---" * (3 + len(titles)) + "|"]
     for name, by_title in claims.items():
-        any_claim = next(iter(by_title.values()))
-        cells = []
-        for t in titles:
-            c = by_title.get(t)
-            cells.append("–" if c is None else f"{_pm(c['protected']['per_seed'])} / "
-                         f"{_pm(c['protected_task_mean']['per_seed'])} / {'yes' if c['holds'] else 'NO'}")
-        lines.append(f"| {name} | {_pm(any_claim['zero_shot']['per_seed'])} "
-                     f"(mean {_pm(any_claim['zero_shot_task_mean']['per_seed'])}) | "
-                     f"{_pm(any_claim['control']['per_seed'])} | " + " | ".join(cells) + " |")
+        shared = next(by_title[t] for t in titles if t in by_title)
+        cells = [_verdict(by_title[t]) if t in by_title else "–" for t in titles]
+        lines.append(f"| {name} | {_pm(shared['zero_shot']['per_seed'])} "
+                     f"(mean {_pm(shared['zero_shot_task_mean']['per_seed'])}) | "
+                     f"{_pm(shared['control']['per_seed'])} | " + " | ".join(cells) + " |")
+    realigned = [t for t in present if t.endswith(" realigned")]
+    if realigned:
+        lines += ["", "## The realigning attacker (`--realign true`: every update, the control's too, mapped to the "
+                      "re-parameterisation nearest the base before merging)", "",
+                  f"| cell | protection | {cfg.target}: protected / control (both realigned) | task mean / holds |",
+                  "|---|---|---|---|"]
+        for name, by_title in claims.items():
+            for t in realigned:
+                if t in by_title:
+                    c = by_title[t]
+                    lines.append(f"| {name} | {t.removesuffix(' realigned')} | {_pm(c['protected']['per_seed'])} / "
+                                 f"{_pm(c['control']['per_seed'])} | {_verdict(c).split(' / ', 1)[1]} |")
     out = folder / "defences.md"
     out.write_text("\n".join(lines) + "\n")
     (folder / "defences.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "standalone": alone,
                                                       "merges": claims}, indent=2))
-    plot_defences(cfg, claims, titles, folder / "defences.png")
+    plot_defences(cfg, claims, titles, folder / "defences.png")  # the protections that share a control
     return out
 
 

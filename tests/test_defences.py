@@ -155,7 +155,7 @@ def test_the_defences_command_defends_the_suite_and_reports_standalone_and_merge
     realigned = json.loads((merge_root(cfg, 420, "all-tasks-params-realigned") / "tv-full" / "summary.json").read_text())
     assert realigned["config"]["realign"] is True
     text = out.read_text()
-    assert "| tv/full |" in text and "Merge-Lock realigned" in text and (out.parent / "defences.png").stat().st_size > 1000
+    assert "| tv/full |" in text and "The realigning attacker" in text and "| tv/full | Merge-Lock |" in text and (out.parent / "defences.png").stat().st_size > 1000
     assert "all-tasks-merge_lock" in (out.parent / "tables.md").read_text()
 
     import eval_scripts.defences as dfs
