@@ -217,11 +217,12 @@ def model_card(kind: str, meta: dict) -> str:
     """README.md of a released update: front matter the Hub reads, then what the protection is and does."""
     cfg = meta.get("config") or {}
     protected = bool(meta.get("protected"))
-    tags = ["trap2", "unmergeable" if protected else "unprotected-baseline", kind, str(meta.get("task"))]
+    defence = meta.get("defence") or {}
+    role = "unmergeable" if protected else "post-hoc-defence" if defence else "unprotected-baseline"
+    tags = ["trap2", role, kind, str(meta.get("task"))]
     front = {"library_name": "peft" if kind == "lora" else "pytorch", "base_model": str(meta.get("base_model")),
              "tags": tags}
     lines = ["---"] + [f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in front.items()] + ["---", ""]
-    defence = meta.get("defence") or {}
     title = "Trap²-protected" if protected else f"{defence['title']}-defended" if defence else "Unprotected (λ = 0)"
     lines += [f"# {title} {kind} update: {meta.get('task')} on {meta.get('base_model')}", ""]
     if defence:

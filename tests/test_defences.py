@@ -43,6 +43,8 @@ def test_a_defended_full_update_keeps_the_function_and_moves_the_weights(full_up
     assert defended.kind == "full" and defended.task == plain.task
     assert defended.metadata["defence"]["name"] == defence
     assert defended.metadata["defence"]["source_hash"] == plain.content_hash
+    card = (defended.path / "README.md").read_text()
+    assert "-defended full update" in card and "post-hoc-defence" in card and "unprotected-baseline" not in card
     for name in plain.names():
         if "self_attn.q_proj.weight" in name or "self_attn.k_proj.weight" in name:
             moved = (defended.full[name] - plain.full[name]).norm() / plain.full[name].norm()
