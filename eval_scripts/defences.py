@@ -147,12 +147,22 @@ def _pm(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+def _holds(claim: dict) -> str:
+    """Whether the bar holds; a merger that leaves even the control at or below zero-shot proves nothing about
+    the protection, and is marked so."""
+    if claim["control"]["mean"] <= claim["zero_shot"]["mean"]:
+        return "– (the merger wrecks the control too)"
+    return "yes" if claim["holds"] else "NO"
+
+
 def _verdict(claim: dict) -> str:
-    """target / task mean / whether the bar holds; a merger that leaves even the control at or below zero-shot
-    proves nothing about the protection, and is marked so."""
-    wrecked = claim["control"]["mean"] <= claim["zero_shot"]["mean"]
-    holds = "– (the merger wrecks the control too)" if wrecked else "yes" if claim["holds"] else "NO"
-    return f"{_pm(claim['protected']['per_seed'])} / {_pm(claim['protected_task_mean']['per_seed'])} / {holds}"
+    """target / task mean / whether the bar holds."""
+    return f"{_pm(claim['protected']['per_seed'])} / {_pm(claim['protected_task_mean']['per_seed'])} / {_holds(claim)}"
+
+
+def _shared(by_title: dict[str, dict], titles: list[str]) -> dict:
+    """A claim of a cell whose zero-shot and control every protection in `titles` shares (none realigned)."""
+    return next(by_title[t] for t in titles if t in by_title)
 
 
 def write_report(cfg: DefencesConfig, tasks: list[str], defences: list[Defence], alone: dict,
@@ -178,7 +188,7 @@ def write_report(cfg: DefencesConfig, tasks: list[str], defences: list[Defence],
     lines += ["| cell | zero-shot | control | " + " | ".join(f"{t} ({cfg.target} / task mean / holds)" for t in titles)
               + " |", "|---" * (3 + len(titles)) + "|"]
     for name, by_title in claims.items():
-        shared = next(by_title[t] for t in titles if t in by_title)
+        shared = _shared(by_title, titles)
         cells = [_verdict(by_title[t]) if t in by_title else "–" for t in titles]
         lines.append(f"| {name} | {_pm(shared['zero_shot']['per_seed'])} "
                      f"(mean {_pm(shared['zero_shot_task_mean']['per_seed'])}) | "
@@ -194,7 +204,8 @@ def write_report(cfg: DefencesConfig, tasks: list[str], defences: list[Defence],
                 if t in by_title:
                     c = by_title[t]
                     lines.append(f"| {name} | {t.removesuffix(' realigned')} | {_pm(c['protected']['per_seed'])} / "
-                                 f"{_pm(c['control']['per_seed'])} | {_verdict(c).split(' / ', 1)[1]} |")
+                                 f"{_pm(c['control']['per_seed'])} | {_pm(c['protected_task_mean']['per_seed'])} / "
+                                 f"{_holds(c)} |")
     out = folder / "defences.md"
     out.write_text("\n".join(lines) + "\n")
     (folder / "defences.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "standalone": alone,
@@ -216,13 +227,13 @@ def plot_defences(cfg: DefencesConfig, claims: dict[str, dict[str, dict]], title
     drawn: list[float] = []
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.8))
     for i, kind in enumerate(kinds):
-        if kind == "control":  # the same control in every group of a cell
-            values = [next(iter(claims[n].values()))["control"]["mean"] for n in names]
+        if kind == "control":
+            values = [_shared(claims[n], titles)["control"]["mean"] for n in names]
         else:
             values = [claims[n][kind]["protected"]["mean"] if kind in claims[n] else float("nan") for n in names]
         ax.bar([j + (i - (len(kinds) - 1) / 2) * width for j in range(len(names))], values, width, label=kind)
         drawn += [v for v in values if v == v]
-    zero = [next(iter(claims[n].values()))["zero_shot"]["mean"] for n in names]
+    zero = [_shared(claims[n], titles)["zero_shot"]["mean"] for n in names]
     ax.plot(range(len(names)), zero, "_", ms=30, mew=2.5, color="k", label="zero-shot")
     ax.set_ylim(max(0.0, min(drawn + zero) - 8), max(drawn + zero) + 6)  # room above the bars for the legend
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
