@@ -171,6 +171,10 @@ class MergeMethod:
     # model merged up to that layer); fn then takes each layer's Gram matrices (`grams`)
     statistics: str = ""
     peft_combination: str = ""  # merged by PEFT's add_weighted_adapter with this combination_type
+    # a fixed linear combination of the updates: every space's change of basis commutes with it, so every
+    # space gives the same ΔW, and it is computed in full space (bit-identical across spaces); with Iso-C,
+    # which flattens the spectrum of the space's own coordinates, in the space asked
+    linear: bool = False
     description: str = ""
 
     def with_defaults(self, hparams: dict) -> dict:
@@ -191,8 +195,8 @@ CART_RANK_GRID = (0.04, 0.08, 0.16, 0.32)
 REGMEAN_ALPHA_GRID = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
 DENSITY_GRID = tuple(k / 100 for k in TOP_K_GRID)  # PEFT's density: the share of entries kept
 
-register_merge_method(MergeMethod("tv", task_arithmetic, description="Task Arithmetic: sum of updates"))
-register_merge_method(MergeMethod("mean", mean, description="average of updates"))
+register_merge_method(MergeMethod("tv", task_arithmetic, linear=True, description="Task Arithmetic: sum of updates"))
+register_merge_method(MergeMethod("mean", mean, linear=True, description="average of updates"))
 register_merge_method(MergeMethod("ties", ties, {"top_k": 30.0}, {"top_k": TOP_K_GRID}, trims=True,
                                   description="TIES: trim top-K %, elect sign, disjoint mean"))
 register_merge_method(MergeMethod("dare", dare, {"p": 1e-5}, {"p": DARE_P_GRID}, seeded=True,
@@ -265,11 +269,15 @@ def _basis(m: torch.Tensor, side: str) -> torch.Tensor:
     return u[:, keep] if side == "left" else vh[keep].T
 
 
-def core_space(updates: list) -> Decomposition:
-    """Core space: shared bases from the stacked A's and B's; merge the small cores U_Bᵀ B_i A_i V_A."""
+def require_lora_factors(updates: list) -> None:
     if not all(isinstance(u, LoraFactors) for u in updates):
         raise UpdateError("core space needs LoRA factors (A, B) for every task; full updates have none, and a DoRA "
                           "layer is no product B·A. Use --merge_space full or knots for them.")
+
+
+def core_space(updates: list) -> Decomposition:
+    """Core space: shared bases from the stacked A's and B's; merge the small cores U_Bᵀ B_i A_i V_A."""
+    require_lora_factors(updates)
     a_stack = torch.cat([u.A.double() for u in updates], dim=0)
     b_stack = torch.cat([u.scaling * u.B.double() for u in updates], dim=1)
     v_ref = _basis(a_stack, "right")  # n × k_A
@@ -332,7 +340,7 @@ class TaskMerger:
         self.task_coefficients, self.grams = coefficients, grams
         self.names = sorted(set().union(*(u.names() for u in updates)))
         self.fallbacks: list[str] = []
-        self._decompositions: dict[str, Decomposition] = {}
+        self._decompositions: dict[tuple[str, str], Decomposition] = {}
         self._merged: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def _layer_inputs(self, name: str) -> list:
@@ -345,16 +353,21 @@ class TaskMerger:
         return [_scaled(x, c) if x is not None else _zero_like(template)
                 for x, c in zip(layers, self.task_coefficients)]
 
-    def decomposition(self, name: str) -> Decomposition:
-        if name not in self._decompositions:
+    def decomposition(self, name: str, space: str | None = None) -> Decomposition:
+        """The layer's updates in `space` (default: the merger's own), cached. A linear merge asks for full
+        space whatever the merger's: the merger's space is then only checked (and its fallbacks listed)."""
+        space = space or self.space
+        if (space, name) not in self._decompositions:
             inputs = self._layer_inputs(name)
             if not isinstance(inputs[0], LoraFactors) and inputs[0].dim() < 2:
-                if self.space != "full":
+                if self.space != "full" and name not in self.fallbacks:
                     self.fallbacks.append(name)  # vectors (biases, norms) have no factorisation
-                self._decompositions[name] = full_space(inputs)
+                self._decompositions[space, name] = full_space(inputs)
             else:
-                self._decompositions[name] = MERGE_SPACES[self.space](inputs)
-        return self._decompositions[name]
+                if self.space == "core":
+                    require_lora_factors(inputs)
+                self._decompositions[space, name] = MERGE_SPACES[space](inputs)
+        return self._decompositions[space, name]
 
     def merge(self, method: str, isotropic: bool = False, **hparams) -> dict[str, torch.Tensor]:
         """The merged ΔW per parameter name (before the global coefficient), cached."""
@@ -374,8 +387,9 @@ class TaskMerger:
                                      f"(eval_scripts.merge_statistics)")
                 grams = self.grams(params)
             merged = {}
+            space = "full" if spec.linear and not isotropic else self.space
             for name in self.names:
-                d = self.decomposition(name)
+                d = self.decomposition(name, space)
                 kwargs = dict(params)
                 if spec.seeded:
                     kwargs["generator"] = torch.Generator().manual_seed(_layer_seed(self.seed, name))

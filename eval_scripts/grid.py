@@ -3,7 +3,9 @@
     python -m eval_scripts.grid --config configs/merge/offline_vit_lora_gtsrb.yaml [--jobs 2]
 
 The pre-merge pass, shared by every cell, runs first; then the cells run `jobs` at a time, one
-process each on one CPU thread (so the selected merges do not depend on the number of jobs).
+process each on one CPU thread (so the selected merges do not depend on the number of jobs). The
+cells of a merge set share their evaluations (linear_search.EvaluationCache); a linear method's
+cells outside full space run last, as their merges are the full-space cell's and cost no evaluation.
 """
 from __future__ import annotations
 
@@ -61,9 +63,17 @@ def _pre_merge(cell: MergeConfig) -> None:
     pre_merge(setup_merge(cell), cell)
 
 
+def computed_in_full_space(cell: MergeConfig) -> bool:
+    """A linear method (Task Arithmetic) merges to the same ΔW in every space: its knots/core cells read the
+    full-space cell's evaluations."""
+    return get_merge_method(cell.merge_method).linear and not cell.isotropize and cell.merge_space != "full"
+
+
 def run_cells(cells: list[MergeConfig], jobs: int) -> None:
-    """Evaluates the cells, `jobs` at a time. The pre-merge pass of each distinct set of updates and
-    folder comes first (also `jobs` at a time), so the cells that share it only read it."""
+    """Evaluates the cells, `jobs` at a time, in the given order except that the cells computed in full space
+    go last. The pre-merge pass of each distinct set of updates and folder comes first (also `jobs` at a
+    time), so the cells that share it only read it."""
+    cells = sorted(cells, key=computed_in_full_space)
     firsts = {}
     for cell in cells:
         folder = str(Path(cell.output_dir).parent) if cell.output_dir else None

@@ -8,7 +8,9 @@ Optionally an adaptive attacker also searches a coefficient for the target updat
 
 Every evaluated point (validation points and the selected merges' test reports) is one JSON line,
 appended in a single write; a rerun reads them back and skips what is done, so an interrupted sweep
-resumes where it stopped and a finished one evaluates nothing.
+resumes where it stopped and a finished one evaluates nothing. Below the points, the accuracies of
+each distinct set of merged weights are shared by every cell of a merge set (EvaluationCache), so a
+merge that another cell or phase already scored is read, not recomputed.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from models.defences import realigned_update, transformer_blocks
 from models.options import check_choice, option
 from models.runtime import pin_threads, provenance, resolve_device
 from models.storage import FolderLock, append_jsonl, atomic_path, read_jsonl
-from models.updates import ReleasedUpdate, UpdateError, load_update
+from models.updates import ReleasedUpdate, UpdateError, fingerprint, load_update
 from task_merger import TaskMerger, get_merge_method
 
 SCENARIOS = ("protected", "control")
@@ -118,6 +120,45 @@ class PointLog:
         append_jsonl(self.path, record)
 
 
+class EvaluationCache:
+    """evaluations.jsonl next to a merge set's cells: each task's accuracy under every set of weights scored
+    there, keyed by what it depends on (the merged ΔW's fingerprint, c, split, data, evaluation settings).
+    Task Arithmetic in another space, a method grid's default value and the adaptive attacker at 1 are
+    merges already scored: they are read, not recomputed. Cells running at once share it: a miss first
+    reads the lines other processes appended since (complete lines only)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.known = path, 0, {}
+
+    def _read_new(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size < self.offset:  # a torn line was cut off after a crash: read again from the start
+            self.offset = 0
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(size - self.offset)
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+                self.known[record["key"]] = record["accuracies"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        self.offset += end
+
+    def accuracies(self, key: str, evaluate) -> dict[str, float]:
+        """The logged accuracies of `key`, else `evaluate()`'s, logged for every cell."""
+        if key not in self.known:
+            self._read_new()
+        if key not in self.known:
+            self.known[key] = evaluate()
+            append_jsonl(self.path, {"key": key, "accuracies": self.known[key]})
+        return self.known[key]
+
+
 def normalised(accs: dict[str, float], split: str, finetuned: dict[str, dict[str, float]]) -> dict[str, float]:
     """Per-task normalised accuracy: 100 · acc / the task's standalone (fine-tuned) accuracy."""
     return {t: 100 * a / max(finetuned[t][split], 1e-8) for t, a in accs.items()}
@@ -192,7 +233,8 @@ def make_merger(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeC
 
 
 def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig, log: PointLog,
-           scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None) -> dict:
+           scenario: str, finetuned: dict[str, dict[str, float]], target_index: int | None,
+           evaluations: EvaluationCache) -> dict:
     """Coefficient search, then the method grid, then (optionally) the adaptive target coefficient."""
     from tqdm.auto import tqdm
 
@@ -211,8 +253,17 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
                    normalise=cfg.normalise, normaliser=cfg.normaliser, ties_trim=cfg.ties_trim, **statistics,
                    **({"realign": True} if cfg.realign else {}))  # older logs keep their keys
         if key not in log.done:
-            evaluator.apply(merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params), c)
-            accs = evaluator.all_tasks(split)
+            merged = merger_.merge(cfg.merge_method, isotropic=cfg.isotropize, **params)
+            weights = _key(merged=fingerprint(merged), c=c, split=split, val_limit=cfg.val_limit if split == "val"
+                           else None, tasks=sorted(evaluator.tasks), data=evaluator.data_key,
+                           batch=cfg.eval_batch_size, device=next(evaluator.net.parameters()).device.type,
+                           protocol=PROTOCOL_VERSION)
+
+            def evaluate() -> dict[str, float]:
+                evaluator.apply(merged, c)
+                return evaluator.all_tasks(split)
+
+            accs = evaluations.accuracies(weights, evaluate)
             record = {"key": key, "scenario": scenario, "phase": phase, "c": c, "params": params,
                       "target_coefficient": task_coef, split: accs}
             if split == "val":
@@ -310,7 +361,8 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
 
 
 def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
-    """Zero-shot, and each update alone on every task (standalone accuracy = the diagonal), per split.
+    """Zero-shot on every task, and each update alone on its own task (its standalone accuracy, which
+    normalises the merged accuracies), per split.
 
     It does not depend on the merge method or space: one log per target folder, shared by the cells.
     """
@@ -326,7 +378,7 @@ def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
             rec = {"zero_shot": evaluator.all_tasks(split), "alone": {}}
             for u in all_updates:
                 evaluator.apply({n: u.delta(n) for n in u.names()}, 1.0)
-                rec["alone"][str(u.path)] = evaluator.all_tasks(split)
+                rec["alone"][str(u.path)] = {u.task: evaluator.accuracy(u.task, split)}
             pre_log.write({"key": key, "phase": "pre-merge", "split": split, **rec})
         pre["zero_shot"][split] = pre_log.done[key]["zero_shot"]
         pre["alone"][split] = pre_log.done[key]["alone"]
@@ -354,6 +406,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
     try:
         pre = pre_merge(setup, cfg)
         log = PointLog(setup.out / "points.jsonl")
+        evaluations = EvaluationCache(setup.out.parent / "evaluations.jsonl")
         summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {},
                    "provenance": provenance(setup.all_updates[0].metadata.get("base_fingerprint"))}
         for name, ups in setup.scenarios.items():
@@ -362,7 +415,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
             merged_updates = ups + setup.others[name]
             unprotected = setup.scenarios["control"] + setup.others["control"]
             finetuned = normalising_constants(pre, merged_updates, unprotected, cfg.normaliser)
-            res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0)
+            res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, 0, evaluations)
             res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
             res["updates"] = [str(u.path) for u in merged_updates]
             summary["scenarios"][name] = res

@@ -52,6 +52,19 @@ def test_one_update_with_coefficient_one_reproduces_it(space, method):
     assert torch.allclose(merged, ups[0].delta("layer.weight"), atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["tv", "mean"])
+def test_a_linear_merge_is_the_full_space_merge_bit_for_bit_in_every_space(method):
+    """Task Arithmetic commutes with every space's change of basis, so it is computed in full space: the cells
+    of every space then merge to the same bits (and share their evaluations)."""
+    ups = lora_updates()
+    full = tm.TaskMerger(ups, "full").merge(method)["layer.weight"]
+    for space in ("knots", "core"):
+        merger = tm.TaskMerger(ups, space)
+        assert torch.equal(merger.merge(method)["layer.weight"], full)
+        merger.merge(method, isotropic=True)  # Iso-C flattens the spectrum in the space's own coordinates
+        assert (space, "layer.weight") in merger._decompositions
+
+
 def test_knots_and_core_differ_from_full_for_nonlinear_methods():
     ups = lora_updates()
     full = tm.TaskMerger(ups, "full").merge("ties", top_k=20)["layer.weight"]
