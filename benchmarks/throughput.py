@@ -13,6 +13,7 @@ measured in the same run. The last line, `training utilisation: X`, is the ViT L
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -97,7 +98,7 @@ def _training_step(model, update, objective, batch, optimizer, params):
     optimizer.step()
 
 
-def step_flops(name: str):
+def step_flops(name: str, mode: str = "train"):
     """Model FLOPs of one training step (every pass of the objective, forward and backward), and the
     workload's config."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -105,39 +106,50 @@ def step_flops(name: str):
     model, update, objective, batch, cfg = build_workload(name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    with FlopCounterMode(display=False) as counter:
+    with _readout(model, mode), FlopCounterMode(display=False) as counter:
         _training_step(model, update, objective, batch, optimizer, params)
     return counter.get_total_flops(), cfg
 
 
-def eval_flops(name: str) -> tuple[int, int]:
+def _readout(model, mode: str):
+    """As the trainer and models.vision.evaluate run (modes `train`, `eval`: the class-token readout), or with
+    the tower's full forward (modes `train-full`, `eval-full`: what they ran before)."""
+    return contextlib.nullcontext() if mode.endswith("-full") else model.backbone.class_token_readout()
+
+
+def eval_flops(name: str, mode: str = "eval") -> tuple[int, int]:
     """Model FLOPs of one evaluation batch, and its size (the config's eval_batch_size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model, *_, cfg = build_workload(name)
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _readout(model, mode), FlopCounterMode(display=False) as counter:
         model(torch.zeros(cfg.eval_batch_size, 3, 32, 32))
     return counter.get_total_flops(), cfg.eval_batch_size
 
 
 def _time_workload(name: str, steps: int, mode: str, start_barrier=None) -> float:
-    """Seconds per training step (mode `train`) or per evaluation batch (mode `eval`), one thread."""
+    """Seconds per training step (modes `train`, `train-full`) or per evaluation batch (`eval`, `eval-full`),
+    one thread."""
     from models.runtime import pin_threads
 
     pin_threads()
     model, update, objective, batch, cfg = build_workload(name)
-    if mode == "train":
+    if mode.startswith("train"):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        work = lambda: _training_step(model, update, objective, batch, optimizer, params)  # noqa: E731
+
+        def work():
+            with _readout(model, mode):
+                _training_step(model, update, objective, batch, optimizer, params)
     else:
         model.eval()
         x = batch[0].repeat(cfg.eval_batch_size // len(batch[0]) + 1, 1, 1, 1)[:cfg.eval_batch_size]
 
         @torch.no_grad()
         def work():
-            model(x).argmax(-1)
+            with _readout(model, mode):
+                model(x).argmax(-1)
     for _ in range(3):
         work()
     if start_barrier is not None:
@@ -191,18 +203,31 @@ def main(argv=None) -> None:
 
     utilisation = None
     for name in workloads:
-        flops, cfg = step_flops(name)
-        share = row(name, flops, cfg.batch_size, _time_workload(name, args.steps, "train"),
-                    concurrent_seconds(name, args.steps, "train", args.jobs))
-        if name == UTILISATION_WORKLOAD:
-            utilisation = share
+        modes = ("train", "train-full") if name == UTILISATION_WORKLOAD else ("train",)
+        rates = {}
+        for mode in modes:
+            flops, cfg = step_flops(name, mode)
+            together = concurrent_seconds(name, args.steps, mode, args.jobs)
+            share = row(name + (", full fwd" if mode == "train-full" else ""), flops, cfg.batch_size,
+                        _time_workload(name, args.steps, mode), together)
+            rates[mode] = sum(cfg.batch_size / t for t in together)
+            if mode == "train" and name == UTILISATION_WORKLOAD:
+                utilisation = share
+        if len(rates) == 2:
+            print(f"{name}: the class-token readout trains {rates['train'] / rates['train-full']:.2f}x as many "
+                  f"images/s as the full forward")
     for name in ("vit-lora-plain", "convnext-lora-plain"):
         if name not in workloads:
             continue
         steps = max(1, args.steps // 5)
-        flops, batch = eval_flops(name)
-        row(name.replace("-plain", "") + " merge eval", flops, batch, _time_workload(name, steps, "eval"),
-            concurrent_seconds(name, steps, "eval", args.jobs))
+        rates = {}
+        for mode, label in (("eval", "merge eval"), ("eval-full", "eval, full fwd")):
+            flops, batch = eval_flops(name, mode)
+            together = concurrent_seconds(name, steps, mode, args.jobs)
+            row(f"{name.replace('-plain', '')} {label}", flops, batch, _time_workload(name, steps, mode), together)
+            rates[mode] = sum(batch / t for t in together)
+        print(f"{name.replace('-plain', '')}: the class-token readout evaluates {rates['eval'] / rates['eval-full']:.2f}x "
+              f"as many images/s as the full forward")
     print(f"training utilisation: {utilisation:.2f}")
 
 

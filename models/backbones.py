@@ -9,11 +9,14 @@ text tower (for the zero-shot heads, see dataset.parsing).
 """
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.registry import Registry
@@ -75,6 +78,23 @@ class Backbone(nn.Module):
             return self.net(pixel_values=pixel_values).image_embeds
         return self.net(pixel_values)
 
+    @contextmanager
+    def class_token_readout(self) -> Iterator[None]:
+        """Inside, an hf-clip tower's last layer computes its attention output projection and MLP for the class
+        token alone, the only token its pooled output reads: the same features and loss with about a sixth
+        less work on the offline ViT (bit for bit at inference on our CPUs, as each row of a matrix product
+        is computed alone; in training the other tokens' zero gradients are no longer summed in). Other
+        families are unchanged; nesting is harmless."""
+        last = self.net.vision_model.encoder.layers[-1] if self.spec.family == "hf-clip" else None
+        if last is None or "forward" in vars(last):
+            yield
+            return
+        last.forward = types.MethodType(_class_token_layer, last)
+        try:
+            yield
+        finally:
+            del last.forward
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward (non-reentrant, so LoRA needs no input gradients)."""
         if self.spec.family == "hf-clip":
@@ -86,6 +106,21 @@ class Backbone(nn.Module):
         if self.spec.text_encoder is None:
             raise ValueError(f"backbone {self.spec.name!r} has no text tower; its tasks use prototype heads")
         return self.spec.text_encoder(**self.options)
+
+
+def _class_token_layer(layer: nn.Module, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+    """transformers' CLIPEncoderLayer.forward, its output kept for the class token only (every token
+    still attends as keys and values, and the attention runs over every query as in the full layer)."""
+    if attention_mask is not None:
+        raise ValueError("the class-token readout takes no attention mask (a vision tower has none)")
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden_states)
+    heads = hidden_states.shape[:-1] + (-1, attn.head_dim)
+    q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    dropout = attn.dropout if layer.training else 0.0
+    attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)[:, :, :1]
+    h = hidden_states[:, :1] + attn.out_proj(attended.transpose(1, 2).reshape(hidden_states.shape[0], 1, -1))
+    return h + layer.mlp(layer.layer_norm2(h))
 
 
 def build_backbone(name: str, **options) -> Backbone:

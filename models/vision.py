@@ -82,17 +82,18 @@ def classifier_for(base: Base, task: VisionTask, data: DataSettings) -> ZeroShot
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, task: VisionTask, split: str, batch_size: int = 256,
+def evaluate(model: ZeroShotClassifier, task: VisionTask, split: str, batch_size: int = 256,
              device: torch.device | str = "cpu", limit: int | None = None) -> dict[str, float]:
     """Accuracy and mean cross-entropy of `model` on one split (the first `limit` images if given)."""
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
-    for x, y in task.batches(split, batch_size, limit):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x).float()
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
+    with model.backbone.class_token_readout():
+        for x, y in task.batches(split, batch_size, limit):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
     model.train(was_training)
     return {"accuracy": correct / n, "loss": loss / n}

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import csv
 import json
@@ -182,6 +183,42 @@ def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(traine
     assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 2 * n_points
 
 
+def test_cells_of_a_merge_set_share_evaluations(trained_updates, tmp_path, monkeypatch):
+    """Task Arithmetic in core space merges to the full-space cell's weights, so it reads that cell's
+    evaluations and scores nothing itself, with the same selections; within a cell, the adaptive attacker's
+    point at 1 is the selected merge, read rather than recomputed."""
+    import eval_scripts.evaluators as ev
+
+    calls = []
+    original = ev.Evaluator.all_tasks
+    monkeypatch.setattr(ev.Evaluator, "all_tasks", lambda self, split: calls.append(split) or original(self, split))
+    full = run_merge_eval(merge_cfg(trained_updates, tmp_path / "tv-full", adaptive=True))
+    points = [json.loads(l) for l in (full / "points.jsonl").read_text().splitlines()]
+    pre_merge_calls = 2  # zero-shot on val and test (each update alone is scored on its own task only)
+    assert pre_merge_calls < len(calls) < pre_merge_calls + len(points)
+    calls.clear()
+    core = run_merge_eval(merge_cfg(trained_updates, tmp_path / "tv-core", merge_space="core", adaptive=True))
+    assert calls == []
+    summaries = [json.loads((out / "summary.json").read_text())["scenarios"] for out in (full, core)]
+    assert summaries[0] == summaries[1]
+
+
+def test_the_evaluation_cache_reads_complete_lines_of_other_writers(tmp_path):
+    from eval_scripts.linear_search import EvaluationCache
+    from models.storage import append_jsonl
+
+    path = tmp_path / "evaluations.jsonl"
+    mine, theirs = EvaluationCache(path), EvaluationCache(path)
+    assert mine.accuracies("a", lambda: {"t": 0.5}) == {"t": 0.5}
+    assert theirs.accuracies("a", lambda: pytest.fail("scored again")) == {"t": 0.5}
+    append_jsonl(path, {"key": "b", "accuracies": {"t": 0.25}})
+    with open(path, "a") as fh:
+        fh.write('{"key": "c", "accur')  # another process mid-write
+    assert mine.accuracies("b", lambda: pytest.fail("scored again")) == {"t": 0.25}
+    assert mine.accuracies("c", lambda: {"t": 0.75}) == {"t": 0.75}  # the torn line is never taken
+    assert EvaluationCache(path).accuracies("c", lambda: pytest.fail("scored again")) == {"t": 0.75}
+
+
 def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, monkeypatch):
     from conftest import TINY_BASE, TINY_SPLITS
     from eval_scripts.reproduce import ReproduceConfig, merge_root, reproduce
@@ -332,3 +369,38 @@ def test_protected_others_replace_the_others_in_the_protected_scenario_only(trai
     with pytest.raises(UpdateError, match="protected_others"):
         run_merge_eval(merge_cfg(trained_updates, tmp_path / "bad",
                                  protected_others=[str(trained_updates["mnist-plain"])]))
+
+
+def test_the_class_token_readout_gives_the_full_forwards_features_and_gradients():
+    """Training and evaluation compute the last layer's output for the class token only; the pooled features
+    (all the classifier reads) and the gradients are the full forward's, and the layer is itself again
+    afterwards, also when the readout is nested."""
+    import torch
+
+    from models.backbones import Backbone, get_backbone_spec
+    from models.pretrain import build_architecture, recipe_for
+
+    backbone = Backbone(get_backbone_spec("offline-vit"), build_architecture(recipe_for("offline-vit"))).eval()
+    images = torch.randn(6, 3, 32, 32)
+    last = backbone.net.vision_model.encoder.layers[-1]
+    with torch.no_grad():
+        full = backbone(images)
+        with backbone.class_token_readout():
+            assert "forward" in vars(last)
+            readout = backbone(images)
+    assert "forward" not in vars(last)
+    torch.testing.assert_close(readout, full, rtol=0, atol=1e-6)
+
+    backbone.train()
+    weights = [p for name, p in backbone.named_parameters() if "layers" in name]
+    grads = []
+    for readout in (False, True):
+        backbone.zero_grad()
+        with backbone.class_token_readout() if readout else contextlib.nullcontext():
+            with backbone.class_token_readout():  # nested: the outer one stays in force
+                pass
+            assert ("forward" in vars(last)) == readout
+            backbone(images).square().sum().backward()
+        grads.append([p.grad.clone() for p in weights])
+    for full_grad, readout_grad in zip(*grads):
+        torch.testing.assert_close(readout_grad, full_grad, rtol=1e-4, atol=1e-5)

@@ -124,9 +124,10 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
         x, y = batch
         return F.cross_entropy(forward(x).float(), y, reduction="none")
 
-    result = run_loop(model, update, objective, loss_fn, batch_at,
-                      lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
-                      loop_settings(cfg, device), out_dir, device, on_step)
+    with model.backbone.class_token_readout():  # the loss reads the class token only: skip the rest's last layer
+        result = run_loop(model, update, objective, loss_fn, batch_at,
+                          lambda: evaluate(model, task, "val", cfg.eval_batch_size, device)["accuracy"],
+                          loop_settings(cfg, device), out_dir, device, on_step)
     if not main:  # the main process evaluates and saves the (identical) update
         distributed.barrier()
         return out_dir
