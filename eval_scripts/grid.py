@@ -13,6 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
 from models.options import option, parse_config
@@ -69,10 +70,16 @@ def computed_in_full_space(cell: MergeConfig) -> bool:
     return get_merge_method(cell.merge_method).linear and not cell.isotropize and cell.merge_space != "full"
 
 
-def run_cells(cells: list[MergeConfig], jobs: int) -> None:
+def _call(job: tuple[Callable, object]) -> object:
+    work, argument = job
+    return work(argument)
+
+
+def run_cells(cells: list[MergeConfig], jobs: int, side_jobs: Sequence[tuple[Callable, object]] = ()) -> None:
     """Evaluates the cells, `jobs` at a time, in the given order except that the cells computed in full space
     go last. The pre-merge pass of each distinct set of updates and folder comes first (also `jobs` at a
-    time), so the cells that share it only read it."""
+    time), so the cells that share it only read it. `side_jobs` ((module-level function, argument) pairs)
+    share the cells' processes, first."""
     cells = sorted(cells, key=computed_in_full_space)
     firsts = {}
     for cell in cells:
@@ -84,8 +91,11 @@ def run_cells(cells: list[MergeConfig], jobs: int) -> None:
              lambda cell: f"{cell.target} + {len(cell.others or ())} others")
     if jobs > 1:
         cells = [dataclasses.replace(cell, progress=False) for cell in cells]
-    run_jobs(run_merge_eval, cells, jobs, f"evaluating {len(cells)} merges",
-             lambda cell: f"{cell.target} {cell.merge_method}/{cell.merge_space}")
+    work = [*side_jobs, *((run_merge_eval, cell) for cell in cells)]
+    run_jobs(_call, work, jobs, f"evaluating {len(cells)} merges" + (f" (and {len(side_jobs)} more jobs)" if side_jobs
+                                                                     else ""),
+             lambda job: (f"{job[1].target} {job[1].merge_method}/{job[1].merge_space}"
+                          if isinstance(job[1], MergeConfig) else job[0].__name__))
 
 
 def main(argv=None) -> None:

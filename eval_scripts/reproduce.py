@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
-from eval_scripts.scaling_curve import CurveConfig, scaling_curve, write_curve
+from eval_scripts.scaling_curve import CurveConfig, run_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
@@ -240,12 +240,11 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                                     f"{missing[0]}); run without --report_only to evaluate them")
     else:
         train_suite(cfg)
-        cells = merge_cells(cfg, tasks)
-        run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir), jobs)  # the long ones first
         seed = suite_seeds(cfg)[0]
         curve = CurveConfig(updates=[str(run_dir(cfg, cfg.target, protected, seed)) for protected in (False, True)],
                             s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
-        write_curve(scaling_curve(curve), curve.output)
+        cells = sorted(merge_cells(cfg, tasks), key=lambda cell: "all-tasks" not in cell.output_dir)  # long ones first
+        run_cells(cells, jobs, side_jobs=[(run_curve, curve)])
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     results = merge_results(cfg, tasks)
     plot_merges(cfg, len(tasks), results, folder)

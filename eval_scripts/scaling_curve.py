@@ -87,9 +87,14 @@ def write_curve(rows: list[dict], output: str | Path) -> tuple[Path, Path]:
     return csv_path, png_path
 
 
+def run_curve(cfg: CurveConfig) -> tuple[Path, Path]:
+    """The curves of the config's updates, written to its output (.csv and .png)."""
+    return write_curve(scaling_curve(cfg), cfg.output)
+
+
 def main(argv=None) -> None:
     cfg = parse_config(CurveConfig, argv, "Accuracy and loss of saved updates against their scale s.")
-    csv_path, png_path = write_curve(scaling_curve(cfg), cfg.output)
+    csv_path, png_path = run_curve(cfg)
     print(f"wrote {csv_path} and {png_path}")
 
 

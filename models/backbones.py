@@ -109,16 +109,21 @@ class Backbone(nn.Module):
 
 
 def _class_token_layer(layer: nn.Module, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
-    """transformers' CLIPEncoderLayer.forward, its output kept for the class token only (every token
-    still attends as keys and values, and the attention runs over every query as in the full layer)."""
+    """transformers' CLIPEncoderLayer.forward, its output kept for the class token only (every token still
+    serves as key and value)."""
     if attention_mask is not None:
         raise ValueError("the class-token readout takes no attention mask (a vision tower has none)")
     attn = layer.self_attn
     x = layer.layer_norm1(hidden_states)
-    heads = hidden_states.shape[:-1] + (-1, attn.head_dim)
-    q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[:-1] + (-1, attn.head_dim)).transpose(1, 2)
+
+    # training: the class token's query alone; inference: every query, as the full layer, which keeps its bits
+    queries = x[:, :1] if layer.training else x
     dropout = attn.dropout if layer.training else 0.0
-    attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)[:, :, :1]
+    attended = F.scaled_dot_product_attention(heads(attn.q_proj(queries)), heads(attn.k_proj(x)), heads(attn.v_proj(x)),
+                                              dropout_p=dropout, scale=attn.scale)[:, :, :1]
     h = hidden_states[:, :1] + attn.out_proj(attended.transpose(1, 2).reshape(hidden_states.shape[0], 1, -1))
     return h + layer.mlp(layer.layer_norm2(h))
 

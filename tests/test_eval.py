@@ -251,7 +251,7 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     def refuse(*args, **kwargs):
         raise AssertionError("--report_only trained or merged")
 
-    for name in ("train_suite", "run_cells", "scaling_curve"):
+    for name in ("train_suite", "run_cells", "run_curve"):
         monkeypatch.setattr(rep, name, refuse)
     (folder / "claims.json").unlink()
     again = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
