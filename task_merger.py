@@ -364,7 +364,7 @@ class TaskMerger:
                     self.fallbacks.append(name)  # vectors (biases, norms) have no factorisation
                 self._decompositions[space, name] = full_space(inputs)
             else:
-                if self.space == "core":
+                if self.space == "core" != space:  # computed elsewhere, still only for LoRA factors
                     require_lora_factors(inputs)
                 self._decompositions[space, name] = MERGE_SPACES[space](inputs)
         return self._decompositions[space, name]
