@@ -100,15 +100,15 @@ def _training_step(model, update, objective, batch, optimizer, params):
     optimizer.step()
 
 
-def step_flops(name: str, mode: str = "train-full"):
-    """FLOPs of one training step (every pass of the objective, forward and backward; the model's with the
-    full forward), and the workload's config."""
+def step_flops(name: str):
+    """Model FLOPs of one training step (every pass of the objective, forward and backward, with the full
+    forward), and the workload's config."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model, update, objective, batch, cfg = build_workload(name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    with _readout(model, mode), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         _training_step(model, update, objective, batch, optimizer, params)
     return counter.get_total_flops(), cfg
 
@@ -119,13 +119,13 @@ def _readout(model, mode: str):
     return contextlib.nullcontext() if mode.endswith("-full") else model.backbone.class_token_readout()
 
 
-def eval_flops(name: str, mode: str = "eval-full") -> tuple[int, int]:
-    """FLOPs of one evaluation batch (the model's with the full forward), and its size (eval_batch_size)."""
+def eval_flops(name: str) -> tuple[int, int]:
+    """Model FLOPs of one evaluation batch (the full forward), and its size (the config's eval_batch_size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model, *_, cfg = build_workload(name)
     model.eval()
-    with torch.no_grad(), _readout(model, mode), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(cfg.eval_batch_size, 3, 32, 32))
     return counter.get_total_flops(), cfg.eval_batch_size
 
