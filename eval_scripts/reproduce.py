@@ -164,9 +164,12 @@ def all_task_claim(target: str, cell: CellResults) -> dict:
     numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
     z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
     means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values()) for s in cell.per_seed]
+    control_means = [statistics.fmean(100 * a for a in s["scenarios"]["control"]["test"].values())
+                     for s in cell.per_seed]  # not in the bar: says whether merging gains anything unprotected
     zero_means = [statistics.fmean(100 * a for a in s["pre_merge"]["zero_shot"]["test"].values())
                   for s in cell.per_seed]
-    numbers.update(protected_task_mean=_mean_std(means), zero_shot_task_mean=_mean_std(zero_means))
+    numbers.update(protected_task_mean=_mean_std(means), control_task_mean=_mean_std(control_means),
+                   zero_shot_task_mean=_mean_std(zero_means))
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
             [100 * s["scenarios"]["protected"]["adaptive"]["test"][target] for s in cell.per_seed])

@@ -235,6 +235,8 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     summary = json.loads((merge_root(cfg, 420, "all-tasks") / "tv-full" / "summary.json").read_text())
     all_tasks = report["claims"][1]
     assert all_tasks["protected"]["mean"] == pytest.approx(100 * summary["scenarios"]["protected"]["test"]["gtsrb"])
+    control_test = summary["scenarios"]["control"]["test"]
+    assert all_tasks["control_task_mean"]["mean"] == pytest.approx(100 * sum(control_test.values()) / len(control_test))
     assert all_tasks["holds"] == (all_tasks["protected"]["mean"] <= all_tasks["zero_shot"]["mean"] + 1.0
                                   and all_tasks["protected"]["mean"] < all_tasks["control"]["mean"]
                                   and all_tasks["protected_task_mean"]["mean"]
