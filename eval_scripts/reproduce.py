@@ -100,8 +100,10 @@ def _mean_std(values: list[float]) -> dict:
             "per_seed": values}
 
 
-def _claim(text: str, holds: bool, **numbers) -> dict:
-    return {"claim": text, "holds": bool(holds), **numbers}
+def _claim(text: str, conditions: dict[str, bool], **numbers) -> dict:
+    """A claim holds when all its conditions do; `unmet` names those that do not, with their numbers."""
+    return {"claim": text, "holds": all(conditions.values()), "unmet": [c for c, met in conditions.items() if not met],
+            **numbers}
 
 
 @dataclass
@@ -135,8 +137,9 @@ def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResu
     """Each claim with its numbers (in %, mean ± std over the seeds) and whether it holds."""
     costs = [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
     n_tasks = len(standalone["rows"]) - 1
+    cost = statistics.fmean(costs)
     claims = [_claim(f"standalone cost (fine-tuned − Trap², mean over {n_tasks} tasks) ≤ {MAX_COST} points",
-                     statistics.fmean(costs) <= MAX_COST, cost=_mean_std(costs))]
+                     {f"cost {cost:.2f} ≤ {MAX_COST}": cost <= MAX_COST}, cost=_mean_std(costs))]
     for cell in cells:
         if cell.group == "4-tasks":
             continue  # reported in the merge-size figure; the issue sets no bar for it
@@ -153,7 +156,10 @@ def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResu
             claims.append(_claim(
                 f"two-task merge {cell.group}, {cell.name}: protected {cfg.target} ≤ zero-shot + "
                 f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
-                p <= z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT and kept >= MIN_CONTROL_GAIN_KEPT, **numbers))
+                {f"protected {p:.2f} ≤ zero-shot + {MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} = "
+                 f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": p <= z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT,
+                 f"control keeps {kept:.1%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain": kept >= MIN_CONTROL_GAIN_KEPT},
+                **numbers))
     return claims
 
 
@@ -170,14 +176,19 @@ def all_task_claim(target: str, cell: CellResults) -> dict:
                   for s in cell.per_seed]
     numbers.update(protected_task_mean=_mean_std(means), control_task_mean=_mean_std(control_means),
                    zero_shot_task_mean=_mean_std(zero_means))
+    mean, zero_mean = statistics.fmean(means), statistics.fmean(zero_means)
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
             [100 * s["scenarios"]["protected"]["adaptive"]["test"][target] for s in cell.per_seed])
     return _claim(
         f"all-task merge, {cell.name}: protected {target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below the "
         f"control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
-        p <= z + MAX_TARGET_ABOVE_ZERO_SHOT and p < c
-        and statistics.fmean(means) <= statistics.fmean(zero_means) + MAX_MEAN_ABOVE_ZERO_SHOT, **numbers)
+        {f"protected {p:.2f} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} = {z + MAX_TARGET_ABOVE_ZERO_SHOT:.2f}":
+             p <= z + MAX_TARGET_ABOVE_ZERO_SHOT,
+         f"protected {p:.2f} < control {c:.2f}": p < c,
+         f"task mean {mean:.2f} ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT} = "
+         f"{zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT:.2f}": mean <= zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT},
+        **numbers)
 
 
 def plot_merges(cfg: ReproduceConfig, n_tasks: int, results: list[CellResults], folder: Path) -> None:
@@ -260,7 +271,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                                "provenance": provenance(standalone["provenance"]["base_fingerprint"])}, indent=2))
     print(f"\nClaims ({sum(c['holds'] for c in claims)} of {len(claims)} hold; numbers in {out}):")
     for c in claims:
-        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}")
+        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(f"; not {u}" for u in c["unmet"]))
     print(f"reproduction finished in {time.time() - start:.0f} s")
     return out
 
