@@ -415,7 +415,8 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
             merged_updates = ups + setup.others[name]
             unprotected = setup.scenarios["control"] + setup.others["control"]
             finetuned = normalising_constants(pre, merged_updates, unprotected, cfg.normaliser)
-            res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, 0, evaluations)
+            res = search(setup.evaluator, merged_updates, cfg, log, name, finetuned, target_index=0,
+                         evaluations=evaluations)
             res["finetuned_test"] = {t: v["test"] for t, v in finetuned.items()}
             res["updates"] = [str(u.path) for u in merged_updates]
             summary["scenarios"][name] = res
