@@ -13,6 +13,7 @@ import ctypes.util
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -49,6 +50,18 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 1 << 30)  # ... and the heap keeps up to 1 GiB of freed memory
 
 
+def die_with_parent(parent: int) -> None:
+    """A worker's initializer: the kernel sends it SIGTERM when the process that spawned it dies, so a
+    killed or crashed suite leaves no orphan training on and holding its run's folder lock (Linux; elsewhere
+    only the check below, made once at start)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request above took hold
+        os._exit(1)
+
+
 def default_jobs(device: str = "auto") -> int:
     """Processes to run at once: one per core on the CPU (each computes on one thread), 1 on a GPU."""
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -67,7 +80,8 @@ def run_jobs(work: Callable[[Job], object], jobs: Sequence[Job], processes: int,
             work(job)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context) as pool, \
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool, \
             tqdm(total=len(jobs), desc=f"{desc}, {processes} at a time", unit="job") as bar:
         pending = {pool.submit(work, job): job for job in jobs}
         while pending:

@@ -98,3 +98,54 @@ def test_the_suite_says_in_one_line_when_its_base_is_not_the_shipped_tables(trai
     prepare_bases(cfg, suite_runs(cfg, ["gtsrb"]))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(lines) == 1 and "fedcba9876543210" in lines[0]
+
+
+SLEEPER = """
+import os, time
+from pathlib import Path
+
+def sleep_job(folder):
+    (Path(folder) / f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
+"""
+
+SUITE = """
+import sys
+from models.runtime import run_jobs
+from sleeper import sleep_job
+run_jobs(sleep_job, [sys.argv[1], sys.argv[1]], 2, "sleeping")
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killing_the_suite_also_ends_its_worker_processes(tmp_path):
+    import signal
+    import time
+
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    suite = subprocess.Popen([sys.executable, "-c", SUITE, str(tmp_path)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    suite.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can end the workers
+    suite.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = [pid for pid in workers if _alive(pid)]
+    for pid in orphans:  # leave no sleeper behind when the assertion below fails
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans
