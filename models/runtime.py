@@ -35,14 +35,18 @@ def pin_threads(device: torch.device | str = "cpu") -> None:
         keep_freed_memory()
 
 
+def c_library() -> ctypes.CDLL:
+    """The process's C library (raises OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory() -> None:
     """glibc hands activations of a megabyte or more back to the kernel when they are freed, so every
     step faults them in again (measured on the offline ViT Trap² step: page faults 645k -> 147k a
     benchmark run, about 8 % of the step time); keep them in the heap instead. Changes no result; a
     no-op where the C library is not glibc."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = c_library().mallopt
     except (OSError, AttributeError):
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
@@ -56,8 +60,7 @@ def die_with_parent(parent: int) -> None:
     only the check below, made once at start)."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        c_library().prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the request above took hold
         os._exit(1)
 

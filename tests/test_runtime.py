@@ -3,8 +3,10 @@ results that say what produced them."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,9 +130,6 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_killing_the_suite_also_ends_its_worker_processes(tmp_path):
-    import signal
-    import time
-
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     suite = subprocess.Popen([sys.executable, "-c", SUITE, str(tmp_path)], cwd=REPO, env=env,
