@@ -10,6 +10,7 @@ cells outside full space run last, as their merges are the full-space cell's and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
     paths = [*(cfg.protected or ()), *(cfg.control or ()), *(cfg.others or ())]
     if "core" in spaces and any(update_kind(p) == "full" for p in paths):
         spaces = [s for s in spaces if s != "core"]
-        print("note: Core space needs LoRA factors; these are full updates, so its cells are skipped")
+        note_core_skipped()
     cells = []
     for space in spaces:
         for method in methods:
@@ -50,6 +51,12 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
                 values["output_dir"] = f"{cfg.results_root}/{method}-{space}"
             cells.append(MergeConfig(**values))
     return cells
+
+
+@functools.cache
+def note_core_skipped() -> None:
+    """Said once a process: a command builds many grids of the same full updates."""
+    print("note: Core space needs LoRA factors; these are full updates, so its cells are skipped")
 
 
 def update_kind(folder: str) -> str | None:
