@@ -20,13 +20,13 @@ from pathlib import Path
 from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.recovery import RecoveryConfig, RecoveryOptions, run_recovery
-from eval_scripts.reproduce import (ReproduceConfig, CellResults, evaluate_claims, merge_root, merge_size,
+from eval_scripts.reproduce import (ReproduceConfig, CellResults, merge_claims, merge_root, merge_size,
                                     results_folder, target_scenario)
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, resolve_device, run_cli
 from task_merger import MERGE_METHODS
-from training_scripts.suite import default_results, run_dir, suite_seeds, train_suite
+from training_scripts.suite import run_dir, suite_seeds, train_suite
 
 ATTACK_METHODS = [name for name, m in MERGE_METHODS.items() if m.peft_combination or m.statistics]
 
@@ -153,8 +153,7 @@ def attacks(cfg: AttacksConfig) -> Path:
         recovery_csv = run_recovery(recovery)
     folder = results_folder(cfg)
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
-    standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
-    claims = evaluate_claims(cfg, standalone, attack_results(cfg, tasks))[1:]  # the standalone cost is not an attack
+    claims = merge_claims(cfg, attack_results(cfg, tasks))
     out = write_report(cfg, claims, recovery_csv, folder)
     print(out.read_text())
     return out

@@ -244,6 +244,7 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
     identity = [u.content_hash for u in updates]  # a retrained update in the same folder is not a logged one
     # a data-dependent merge also depends on how many examples its statistics read
     statistics = {"statistics_examples": cfg.statistics_examples} if method.statistics else {}
+    scored: dict[str, dict[str, float]] = {}  # each scored merge's validation accuracies, for the summary
 
     def point(phase: str, c: float, params: dict, merger_, task_coef: float = 1.0, split: str = "val") -> dict:
         """One merge's accuracies on a split (val: scored for the search; test: the report), logged."""
@@ -269,6 +270,8 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
             if split == "val":
                 record["score"] = selection_score(accs, finetuned, cfg.normalise)
             log.write(record)
+        if split == "val":
+            scored[_key(c=c, params=params, target_coefficient=task_coef)] = log.done[key]["val"]
         return log.done[key]
 
     params = dict(method.defaults)
@@ -282,7 +285,8 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
         params, best_score = method_grid_search(
             method.grid, params, best_score, lambda name, candidate: point(f"grid:{name}", best_c, candidate, merger)["score"],
             cfg.search_rule)
-    result = {"c": best_c, "params": params, "val_score": best_score, "target_coefficient": 1.0}
+    result = {"c": best_c, "params": params, "val_score": best_score, "target_coefficient": 1.0,
+              "val": scored[_key(c=best_c, params=params, target_coefficient=1.0)]}
     result["test"] = point("test", best_c, params, merger, split="test")["test"]
     result["test_normalised"] = normalised(result["test"], "test", finetuned)
     result["fallbacks"] = sorted(set(merger.fallbacks))
@@ -297,7 +301,8 @@ def search(evaluator: Evaluator, updates: list[ReleasedUpdate], cfg: MergeConfig
         coefs = [best_a if i == target_index else 1.0 for i in range(len(updates))]
         test = point("test:adaptive", best_c, params, make_merger(evaluator, updates, cfg, coefs, grams), best_a,
                      split="test")["test"]
-        result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score, "test": test,
+        result["adaptive"] = {"target_coefficient": best_a, "val_score": best_a_score,
+                              "val": scored[_key(c=best_c, params=params, target_coefficient=best_a)], "test": test,
                               "test_normalised": normalised(test, "test", finetuned)}
     return result
 

@@ -12,6 +12,10 @@ Stages, each resumable (finished runs and evaluated merge points are reused on a
 4. the scaling curves of the target's updates (accuracy and loss against s, first seed);
 5. tables.md/.tex, figures (post-merge cells; accuracy against merge size) and claims.json (each
    claim, its numbers, true or false) next to the standalone table.
+
+Choosing a default's hyperparameters reads validation only: `--claims_split val` judges the same claims on
+validation accuracies (each update's at s = 1, each merge's at the attacker's chosen point) into
+claims-val.json, and prints no test number.
 """
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
 from training_scripts.suite import (SuiteConfig, default_results, run_dir, suite_seeds, train_suite,
-                                   write_standalone_table)
+                                   validation_accuracy, write_standalone_table)
 
-# The claims, as issue 14 states them (points of accuracy, test split).
+# The claims, as issue 14 states them (points of accuracy; the report reads test, a selection val).
 MAX_COST = 1.5  # standalone: fine-tuned − Trap², mean over tasks
 MAX_TARGET_ABOVE_ZERO_SHOT = 1.0  # all-task merge: protected target at most this far above zero-shot
 MAX_MEAN_ABOVE_ZERO_SHOT = 0.5  # all-task merge: the protected scenario's task mean
@@ -53,6 +57,14 @@ class ReproduceConfig(SuiteConfig):
     report_only: bool = option(
         False, "only rebuild the tables, figures and claims from the finished runs and merges on disk (e.g. seeds "
                "merged on other machines); train and merge nothing")
+    claims_split: str = option(
+        "test", "split the claims read: test (the report) or val (for choosing hyperparameters: claims-val.json, "
+                "and no test number printed)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.claims_split not in ("test", "val"):
+            raise ValueError(f"--claims_split must be test or val, got {self.claims_split!r}")
 
 
 def results_folder(cfg: ReproduceConfig) -> Path:
@@ -115,11 +127,26 @@ class CellResults:
     size: int  # tasks merged
     per_seed: list[dict]
 
-    def target(self, kind: str, target: str) -> list[float]:
-        """The target's test accuracy (%) per seed: `zero-shot`, `protected` or `control`."""
+    def target(self, kind: str, target: str, split: str = "test") -> list[float]:
+        """The target's accuracy (%) per seed on a split: `zero-shot`, `protected` or `control`."""
+        return [100 * a[target] for a in self.accuracies(kind, split)]
+
+    def accuracies(self, kind: str, split: str = "test") -> list[dict[str, float]]:
+        """Every merged task's accuracy (fraction) per seed on a split: `zero-shot`, `protected` or `control`
+        (val: at the point the attacker chose)."""
         if kind == "zero-shot":
-            return [100 * s["pre_merge"]["zero_shot"]["test"][target] for s in self.per_seed]
-        return [100 * s["scenarios"][kind]["test"][target] for s in self.per_seed]
+            return [s["pre_merge"]["zero_shot"][split] for s in self.per_seed]
+        missing = [s["config"]["output_dir"] for s in self.per_seed if split not in s["scenarios"][kind]]
+        if missing:
+            raise ValueError(f"{missing[0]}/summary.json has no {split} accuracies of its chosen merge (written by "
+                             f"older code); run the command without --report_only: its points are cached, so "
+                             f"nothing is merged again")
+        return [s["scenarios"][kind][split] for s in self.per_seed]
+
+    def finetuned(self, target: str, split: str = "test") -> list[float]:
+        """The unprotected target update alone (%), per seed."""
+        return [100 * s["pre_merge"]["alone"][split][str(Path(s["config"]["control"][0]))][target]
+                for s in self.per_seed]
 
 
 def merge_results(cfg: ReproduceConfig, tasks: list[str]) -> list[CellResults]:
@@ -133,24 +160,29 @@ def merge_results(cfg: ReproduceConfig, tasks: list[str]) -> list[CellResults]:
     return out
 
 
-def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResults]) -> list[dict]:
-    """Each claim with its numbers (in %, mean ± std over the seeds) and whether it holds."""
-    costs = [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
-    n_tasks = len(standalone["rows"]) - 1
+def cost_claim(costs: list[float], n_tasks: int) -> dict:
+    """The standalone bar; `costs`: each seed's fine-tuned − Trap² accuracy (points, mean over the tasks)."""
     cost = statistics.fmean(costs)
-    claims = [_claim(f"standalone cost (fine-tuned − Trap², mean over {n_tasks} tasks) ≤ {MAX_COST} points",
-                     {f"cost {cost:.2f} ≤ {MAX_COST}": cost <= MAX_COST}, cost=_mean_std(costs))]
+    return _claim(f"standalone cost (fine-tuned − Trap², mean over {n_tasks} tasks) ≤ {MAX_COST} points",
+                  {f"cost {cost:.2f} ≤ {MAX_COST}": cost <= MAX_COST}, cost=_mean_std(costs))
+
+
+def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
+    """Each merge claim with its numbers (in %, mean ± std over the seeds) and whether it holds, read on
+    `cfg.claims_split`."""
+    split = cfg.claims_split
+    claims = []
     for cell in cells:
         if cell.group == "4-tasks":
             continue  # reported in the merge-size figure; the issue sets no bar for it
         if cell.group == "all-tasks":
-            claims.append(all_task_claim(cfg.target, cell))
+            claims.append(all_task_claim(cfg.target, cell, split))
         else:
-            zero, protected, control = (cell.target(kind, cfg.target) for kind in ("zero-shot", "protected", "control"))
+            zero, protected, control = (cell.target(kind, cfg.target, split)
+                                        for kind in ("zero-shot", "protected", "control"))
             numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
             z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
-            finetuned = statistics.fmean(100 * s["scenarios"]["control"]["finetuned_test"][cfg.target]
-                                         for s in cell.per_seed)
+            finetuned = statistics.fmean(cell.finetuned(cfg.target, split))
             kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
             numbers.update(control_gain_kept=kept)
             claims.append(_claim(
@@ -163,23 +195,31 @@ def evaluate_claims(cfg: ReproduceConfig, standalone: dict, cells: list[CellResu
     return claims
 
 
-def all_task_claim(target: str, cell: CellResults) -> dict:
+def standalone_costs(cfg: ReproduceConfig, tasks: list[str], standalone: dict) -> list[float]:
+    """Each seed's fine-tuned − Trap² accuracy at s = 1 (points, mean over the tasks) on the claims' split:
+    test from the standalone table, val from each update's own validation score."""
+    if cfg.claims_split == "test":
+        return [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
+    return [100 * statistics.fmean(validation_accuracy(cfg, task, False, seed) -
+                                   validation_accuracy(cfg, task, True, seed) for task in tasks)
+            for seed in suite_seeds(cfg)]
+
+
+def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     """The paper's bar for a merge of every task: the protected target ≤ zero-shot + 1 and below the control,
     and the protected scenario's task mean ≤ the zero-shot mean + 0.5 (means over the seeds)."""
-    zero, protected, control = (cell.target(kind, target) for kind in ("zero-shot", "protected", "control"))
+    zero, protected, control = (cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control"))
     numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
     z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
-    means = [statistics.fmean(100 * a for a in s["scenarios"]["protected"]["test"].values()) for s in cell.per_seed]
-    control_means = [statistics.fmean(100 * a for a in s["scenarios"]["control"]["test"].values())
-                     for s in cell.per_seed]  # not in the bar: says whether merging gains anything unprotected
-    zero_means = [statistics.fmean(100 * a for a in s["pre_merge"]["zero_shot"]["test"].values())
-                  for s in cell.per_seed]
+    means, control_means, zero_means = ([statistics.fmean(100 * a for a in accs.values()) for accs in
+                                         cell.accuracies(kind, split)] for kind in ("protected", "control", "zero-shot"))
+    # the control's mean is not in the bar: it says whether merging gains anything unprotected
     numbers.update(protected_task_mean=_mean_std(means), control_task_mean=_mean_std(control_means),
                    zero_shot_task_mean=_mean_std(zero_means))
     mean, zero_mean = statistics.fmean(means), statistics.fmean(zero_means)
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
-            [100 * s["scenarios"]["protected"]["adaptive"]["test"][target] for s in cell.per_seed])
+            [100 * s["scenarios"]["protected"]["adaptive"][split][target] for s in cell.per_seed])
     return _claim(
         f"all-task merge, {cell.name}: protected {target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below the "
         f"control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
@@ -246,30 +286,33 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     jobs = cfg.jobs or default_jobs(cfg.device)
     pin_threads(resolve_device(cfg.device))  # as every stage computes, here or in the workers
     folder = results_folder(cfg)
+    report = cfg.claims_split == "test"  # choosing on val: no table or figure of test numbers
     if cfg.report_only:
-        write_standalone_table(cfg, tasks)
+        write_standalone_table(cfg, tasks, show=report)
         missing = [c.output_dir for c in merge_cells(cfg, tasks) if not (Path(c.output_dir) / "summary.json").exists()]
         if missing:
             raise FileNotFoundError(f"--report_only: {len(missing)} merge cells have no summary.json (first: "
                                     f"{missing[0]}); run without --report_only to evaluate them")
     else:
-        train_suite(cfg)
+        train_suite(cfg, show=report)
         seed = suite_seeds(cfg)[0]
         curve = CurveConfig(updates=[str(run_dir(cfg, cfg.target, protected, seed)) for protected in (False, True)],
                             s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
         cells = sorted(merge_cells(cfg, tasks), key=lambda cell: "all-tasks" not in cell.output_dir)  # long ones first
-        run_cells(cells, jobs, side_jobs=[(run_curve, curve)])
-    build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
+        run_cells(cells, jobs, side_jobs=[(run_curve, curve)] if report else [])
     results = merge_results(cfg, tasks)
-    plot_merges(cfg, len(tasks), results, folder)
+    if report:
+        build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
+        plot_merges(cfg, len(tasks), results, folder)
     standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
-    claims = evaluate_claims(cfg, standalone, results)
-    out = folder / "claims.json"
-    out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "claims": claims,
-                               "holds": sum(c["holds"] for c in claims), "of": len(claims),
+    claims = [cost_claim(standalone_costs(cfg, tasks, standalone), len(tasks))] + merge_claims(cfg, results)
+    out = folder / ("claims.json" if report else "claims-val.json")
+    out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": cfg.claims_split,
+                               "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims),
                                "seconds": round(time.time() - start),
                                "provenance": provenance(standalone["provenance"]["base_fingerprint"])}, indent=2))
-    print(f"\nClaims ({sum(c['holds'] for c in claims)} of {len(claims)} hold; numbers in {out}):")
+    print(f"\nClaims on {'test' if report else 'validation'} ({sum(c['holds'] for c in claims)} of {len(claims)} "
+          f"hold; numbers in {out}):")
     for c in claims:
         print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(f"; not {u}" for u in c["unmet"]))
     print(f"reproduction finished in {time.time() - start:.0f} s")

@@ -219,9 +219,10 @@ def test_the_evaluation_cache_reads_complete_lines_of_other_writers(tmp_path):
     assert EvaluationCache(path).accuracies("c", lambda: pytest.fail("scored again")) == {"t": 0.75}
 
 
-def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, monkeypatch):
+def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, monkeypatch, capsys):
     from conftest import TINY_BASE, TINY_SPLITS
-    from eval_scripts.reproduce import ReproduceConfig, merge_root, reproduce
+    from eval_scripts.reproduce import CellResults, ReproduceConfig, merge_claims, merge_root, reproduce
+    from training_scripts.suite import run_dir
 
     cfg = ReproduceConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, lambda_reg=0.1,
                           base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS), max_steps=6, eval_freq=3,
@@ -265,6 +266,40 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     missing = dataclasses.replace(cfg, report_only=True, merge_methods=["ties"])
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         reproduce(missing)
+
+    # choosing on validation: the same claims from validation accuracies, and no test number printed
+    capsys.readouterr()
+    chosen = json.loads(reproduce(dataclasses.replace(cfg, report_only=True, claims_split="val")).read_text())
+    printed = capsys.readouterr().out
+    assert "Claims on validation" in printed and "Standalone test accuracy" not in printed
+    assert chosen["split"] == "val" and (folder / "claims-val.json").exists()
+    assert json.loads((folder / "claims.json").read_text())["claims"] == report["claims"]  # the report is kept
+    points = [json.loads(line) for line in (merge_root(cfg, 420, "all-tasks") / "tv-full" / "points.jsonl")
+              .read_text().splitlines()]
+    for scenario in ("protected", "control"):
+        pick = summary["scenarios"][scenario]
+        scored = [p["val"] for p in points if p["scenario"] == scenario and "val" in p and p["c"] == pick["c"]
+                  and p["params"] == pick["params"] and p["target_coefficient"] == 1.0]
+        assert pick["val"] == scored[0]
+        assert chosen["claims"][1][scenario]["mean"] == pytest.approx(100 * scored[0]["gtsrb"])
+    adaptive = summary["scenarios"]["protected"]["adaptive"]
+    assert chosen["claims"][1]["protected_adaptive"]["mean"] == pytest.approx(100 * adaptive["val"]["gtsrb"])
+    zero_shot = summary["pre_merge"]["zero_shot"]["val"]["gtsrb"]
+    assert chosen["claims"][1]["zero_shot"]["mean"] == pytest.approx(100 * zero_shot)
+    val_accuracy = {(task, protected): json.loads((run_dir(cfg, task, protected, 420) / "trap2_update.json")
+                                                  .read_text())["val_accuracy"]
+                    for task in ("gtsrb", "mnist") for protected in (False, True)}
+    cost = 100 * sum(val_accuracy[t, False] - val_accuracy[t, True] for t in ("gtsrb", "mnist")) / 2
+    assert chosen["claims"][0]["cost"]["mean"] == pytest.approx(cost)
+    pair = json.loads((merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json").read_text())
+    zero = 100 * pair["pre_merge"]["zero_shot"]["val"]["gtsrb"]
+    control = 100 * pair["scenarios"]["control"]["val"]["gtsrb"]
+    alone = 100 * pair["pre_merge"]["alone"]["val"][str(run_dir(cfg, "gtsrb", False, 420))]["gtsrb"]
+    kept = (control - zero) / (alone - zero) if alone > zero else 0.0
+    assert chosen["claims"][2]["control_gain_kept"] == pytest.approx(kept)
+    del summary["scenarios"]["control"]["val"]  # a summary from before validation accuracies were kept
+    with pytest.raises(ValueError, match="no val accuracies of its chosen merge"):
+        merge_claims(dataclasses.replace(cfg, claims_split="val"), [CellResults("all-tasks", "tv/full", 2, [summary])])
 
 
 def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():

@@ -127,12 +127,12 @@ def train_runs(runs: list[TrainConfig], jobs: int) -> None:
     run_jobs(train_vision, runs, jobs, f"training {len(runs)} runs", lambda run: Path(run.output_dir).name)
 
 
-def train_suite(cfg: SuiteConfig) -> Path:
+def train_suite(cfg: SuiteConfig, show: bool = True) -> Path:
     tasks = cfg.tasks or list(PAPER_TASKS)
     runs = suite_runs(cfg, tasks)
     prepare_bases(cfg, runs)
     train_runs(runs, cfg.jobs or default_jobs(cfg.device))
-    return write_standalone_table(cfg, tasks)
+    return write_standalone_table(cfg, tasks, show)
 
 
 def _mean_row(rows: list[dict], task: str) -> dict:
@@ -149,6 +149,11 @@ def _finished_run(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} holds no finished update; run the suite command again (with the same "
                                 f"--runs_root, --tasks and --seeds) to train it first")
     return json.loads((folder / METADATA_FILE).read_text())
+
+
+def validation_accuracy(cfg: SuiteConfig, task: str, protected: bool, seed: int) -> float:
+    """A finished update's validation accuracy at s = 1 (the split a default's hyperparameters are chosen on)."""
+    return _finished_run(run_dir(cfg, task, protected, seed))["val_accuracy"]
 
 
 def _seed_rows(cfg: SuiteConfig, tasks: list[str], seed: int) -> list[dict]:
@@ -197,7 +202,9 @@ def _runs_provenance(cfg: SuiteConfig, tasks: list[str]) -> tuple[str, list]:
     return next(iter(bases)), sorted(threads, key=str)
 
 
-def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
+def write_standalone_table(cfg: SuiteConfig, tasks: list[str], show: bool = True) -> Path:
+    """standalone.{md,json}: each task's test accuracy at the report's scales; printed unless `show` is false
+    (choosing on validation)."""
     seeds = suite_seeds(cfg)
     base_fingerprint, threads = _runs_provenance(cfg, tasks)
     per_seed = {seed: _seed_rows(cfg, tasks, seed) for seed in seeds}
@@ -221,7 +228,8 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
                                                "rows_by_seed": {str(k): v for k, v in per_seed.items()},
                                                "provenance": {**provenance(base_fingerprint), "threads": threads}},
                                               indent=2))
-    print("\n".join(lines))
+    if show:
+        print("\n".join(lines))
     return Path(f"{out}.md")
 
 
