@@ -38,6 +38,7 @@ class AttacksConfig(ReproduceConfig, RecoveryOptions):
     partners: list[str] | None = option(None, "two-task merges: the target with each of these (default: all others)")
     statistics_examples: int = option(128, "RegMean / Chain of Merges: unlabelled training examples per task")
     recovery_method: str = option("tv", "the all-task cell (method, full space) whose selected merges are fine-tuned")
+    claims_splits = ("test",)  # attacks.md and the recovery curve report test
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -41,6 +41,7 @@ class DefencesConfig(ReproduceConfig, DefenceOptions):
     realign_attack: bool = option(
         True, "also attack every defended target, and Trap²'s where its run is here, with an attacker who first "
               "realigns each update to the base (TA and TIES, full space)")
+    claims_splits = ("test",)  # defences.md reports test
 
 
 def chosen_defences(cfg: DefencesConfig) -> list[Defence]:

@@ -61,10 +61,13 @@ class ReproduceConfig(SuiteConfig):
         "test", "split the claims read: test (the report) or val (for choosing hyperparameters: claims-val.json, "
                 "and no test number printed)")
 
+    claims_splits = ("test", "val")  # what this command can judge on; commands built on it may allow fewer
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.claims_split not in ("test", "val"):
-            raise ValueError(f"--claims_split must be test or val, got {self.claims_split!r}")
+        if self.claims_split not in self.claims_splits:
+            raise ValueError(f"--claims_split must be {' or '.join(self.claims_splits)} for this command, got "
+                             f"{self.claims_split!r} (settings are chosen on val by eval_scripts.reproduce)")
 
 
 def results_folder(cfg: ReproduceConfig) -> Path:

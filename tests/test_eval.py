@@ -302,6 +302,20 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
         merge_claims(dataclasses.replace(cfg, claims_split="val"), [CellResults("all-tasks", "tv/full", 2, [summary])])
 
 
+def test_claims_split_is_checked_and_only_reproduce_judges_on_validation():
+    from eval_scripts.attacks import AttacksConfig
+    from eval_scripts.defences import DefencesConfig
+    from eval_scripts.reproduce import ReproduceConfig
+
+    assert ReproduceConfig(claims_split="val").claims_split == "val"
+    with pytest.raises(ValueError, match="--claims_split must be test or val"):
+        ReproduceConfig(claims_split="train")
+    for reports_test in (AttacksConfig, DefencesConfig):
+        assert reports_test().claims_split == "test"
+        with pytest.raises(ValueError, match="--claims_split must be test for this command"):
+            reports_test(claims_split="val")
+
+
 def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():
     from eval_scripts.linear_search import patient_search
 
