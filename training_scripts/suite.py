@@ -9,7 +9,9 @@ accuracy on these small tasks moves by a few points from seed to seed).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import shlex
 from dataclasses import dataclass
@@ -116,22 +118,31 @@ def run_command(run: TrainConfig) -> str:
     return shlex.join(parts)
 
 
-def train_runs(runs: list[TrainConfig], jobs: int) -> None:
-    """Trains the runs, `jobs` at a time in worker processes (in this process when jobs = 1).
+def _train_unreported(run: TrainConfig) -> Path:
+    """A run whose printed summary (test accuracies in it) is swallowed: for choosing on validation."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train_vision(run)
+
+
+def train_runs(runs: list[TrainConfig], jobs: int, show: bool = True) -> None:
+    """Trains the runs, `jobs` at a time in worker processes (in this process when jobs = 1); `show`:
+    print each run's summary.
 
     A finished run is skipped and an interrupted one resumes, so after a crash the same command
     continues; the first failure stops the rest and names its run.
     """
     if jobs > 1:
         runs = [dataclasses.replace(run, progress=False) for run in runs]  # one bar for all
-    run_jobs(train_vision, runs, jobs, f"training {len(runs)} runs", lambda run: Path(run.output_dir).name)
+    run_jobs(train_vision if show else _train_unreported, runs, jobs, f"training {len(runs)} runs",
+             lambda run: Path(run.output_dir).name)
 
 
 def train_suite(cfg: SuiteConfig, show: bool = True) -> Path:
+    """Every run of the suite, then its standalone table; `show` false prints no test number."""
     tasks = cfg.tasks or list(PAPER_TASKS)
     runs = suite_runs(cfg, tasks)
     prepare_bases(cfg, runs)
-    train_runs(runs, cfg.jobs or default_jobs(cfg.device))
+    train_runs(runs, cfg.jobs or default_jobs(cfg.device), show)
     return write_standalone_table(cfg, tasks, show)
 
 
