@@ -208,6 +208,19 @@ def test_rerun_with_other_settings_refuses_instead_of_silently_skipping(trained_
         train_vision(TrainConfig(**tiny_train_args(path, lambda_reg=0.05)))
 
 
+def test_unprotected_overrides_reuse_runs_they_leave_unchanged_and_refuse_the_rest(trained_updates):
+    """`unprotected` only acts through the fields it sets on a λ = 0 run: the Trap² run and a plain run it
+    leaves as they were are reused; a plain run it changes is refused."""
+    keep_plain = {"unprotected": {"weight_decay": 0.0}}
+    assert train_vision(TrainConfig(**tiny_train_args(trained_updates["gtsrb-plain"], **keep_plain))) \
+        == trained_updates["gtsrb-plain"]
+    change_plain = {"unprotected": {"weight_decay": 0.1}}
+    assert train_vision(TrainConfig(**tiny_train_args(trained_updates["gtsrb-trap2"], lambda_reg=0.1,
+                                                      **change_plain))) == trained_updates["gtsrb-trap2"]
+    with pytest.raises(ValueError, match="weight_decay"):
+        train_vision(TrainConfig(**tiny_train_args(trained_updates["gtsrb-plain"], **change_plain)))
+
+
 def test_schedules_warm_up_then_decay_to_zero():
     from models.schedules import SCHEDULES
 

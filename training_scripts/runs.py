@@ -19,8 +19,9 @@ from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp
 from training_scripts.objective import ScaleSampler, Trap2Objective
 
 SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can check it continues the same run
+# `unprotected` is already applied into the other fields of an unprotected run and unused by a Trap² one
 BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
-               "eval_batch_size", "push_to_hub", "hub_private", "report_to"}
+               "eval_batch_size", "push_to_hub", "hub_private", "report_to", "unprotected"}
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
                "off_loss_cap"}
 
