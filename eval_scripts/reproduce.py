@@ -41,6 +41,13 @@ MAX_TARGET_ABOVE_ZERO_SHOT = 1.0  # all-task merge: protected target at most thi
 MAX_MEAN_ABOVE_ZERO_SHOT = 0.5  # all-task merge: the protected scenario's task mean
 MAX_PAIR_TARGET_ABOVE_ZERO_SHOT = 2.0  # two-task merges
 MIN_CONTROL_GAIN_KEPT = 0.3  # two-task merges: the control keeps this share of its gain over zero-shot
+# accuracies are counts over at most millions of images, so gaps under 1e-9 are float rounding (0.412 · 100 + 2 < 43.2)
+ROUNDING = 1e-9
+
+
+def _at_most(value: float, bar: float) -> bool:
+    """value ≤ bar, with a tie that float arithmetic broke still a tie."""
+    return value <= bar + ROUNDING
 
 
 @dataclass
@@ -167,7 +174,7 @@ def cost_claim(costs: list[float], n_tasks: int) -> dict:
     """The standalone bar; `costs`: each seed's fine-tuned − Trap² accuracy (points, mean over the tasks)."""
     cost = statistics.fmean(costs)
     return _claim(f"standalone cost (fine-tuned − Trap², mean over {n_tasks} tasks) ≤ {MAX_COST} points",
-                  {f"cost {cost:.2f} ≤ {MAX_COST}": cost <= MAX_COST}, cost=_mean_std(costs))
+                  {f"cost {cost:.2f} ≤ {MAX_COST}": _at_most(cost, MAX_COST)}, cost=_mean_std(costs))
 
 
 def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
@@ -192,8 +199,9 @@ def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
                 f"two-task merge {cell.group}, {cell.name}: protected {cfg.target} ≤ zero-shot + "
                 f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
                 {f"protected {p:.2f} ≤ zero-shot + {MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} = "
-                 f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": p <= z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT,
-                 f"control keeps {kept:.1%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain": kept >= MIN_CONTROL_GAIN_KEPT},
+                 f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": _at_most(p, z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT),
+                 f"control keeps {kept:.1%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain":
+                     _at_most(MIN_CONTROL_GAIN_KEPT, kept)},
                 **numbers))
     return claims
 
@@ -227,10 +235,10 @@ def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
         f"all-task merge, {cell.name}: protected {target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below the "
         f"control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
         {f"protected {p:.2f} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} = {z + MAX_TARGET_ABOVE_ZERO_SHOT:.2f}":
-             p <= z + MAX_TARGET_ABOVE_ZERO_SHOT,
-         f"protected {p:.2f} < control {c:.2f}": p < c,
+             _at_most(p, z + MAX_TARGET_ABOVE_ZERO_SHOT),
+         f"protected {p:.2f} < control {c:.2f}": p < c - ROUNDING,
          f"task mean {mean:.2f} ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT} = "
-         f"{zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT:.2f}": mean <= zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT},
+         f"{zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT:.2f}": _at_most(mean, zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT)},
         **numbers)
 
 
