@@ -32,8 +32,8 @@ from eval_scripts.scaling_curve import CurveConfig, run_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
-from training_scripts.suite import (SuiteConfig, default_results, run_dir, suite_seeds, train_suite,
-                                   validation_accuracy, write_standalone_table)
+from training_scripts.suite import (SuiteConfig, default_results, run_dir, runs_provenance, suite_seeds,
+                                   train_suite, validation_accuracy, write_standalone_table)
 
 # The claims, as issue 14 states them (points of accuracy; the report reads test, a selection val).
 MAX_COST = 1.5  # standalone: fine-tuned − Trap², mean over tasks
@@ -206,10 +206,11 @@ def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
     return claims
 
 
-def standalone_costs(cfg: ReproduceConfig, tasks: list[str], standalone: dict) -> list[float]:
+def standalone_costs(cfg: ReproduceConfig, tasks: list[str]) -> list[float]:
     """Each seed's fine-tuned − Trap² accuracy at s = 1 (points, mean over the tasks) on the claims' split:
     test from the standalone table, val from each update's own validation score."""
     if cfg.claims_split == "test":
+        standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
         return [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
     return [100 * statistics.fmean(validation_accuracy(cfg, task, False, seed) -
                                    validation_accuracy(cfg, task, True, seed) for task in tasks)
@@ -299,13 +300,14 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     folder = results_folder(cfg)
     report = cfg.claims_split == "test"  # choosing on val: no table or figure of test numbers
     if cfg.report_only:
-        write_standalone_table(cfg, tasks, show=report)
+        if report:
+            write_standalone_table(cfg, tasks)
         missing = [c.output_dir for c in merge_cells(cfg, tasks) if not (Path(c.output_dir) / "summary.json").exists()]
         if missing:
             raise FileNotFoundError(f"--report_only: {len(missing)} merge cells have no summary.json (first: "
                                     f"{missing[0]}); run without --report_only to evaluate them")
     else:
-        train_suite(cfg, show=report)
+        train_suite(cfg, report)
         seed = suite_seeds(cfg)[0]
         curve = CurveConfig(updates=[str(run_dir(cfg, cfg.target, protected, seed)) for protected in (False, True)],
                             s_step=0.1, device=cfg.device, output=str(folder / f"scaling_curve_{cfg.target}"))
@@ -315,13 +317,12 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     if report:
         build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
         plot_merges(cfg, len(tasks), results, folder)
-    standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
-    claims = [cost_claim(standalone_costs(cfg, tasks, standalone), len(tasks))] + merge_claims(cfg, results)
+    claims = [cost_claim(standalone_costs(cfg, tasks), len(tasks))] + merge_claims(cfg, results)
     out = folder / ("claims.json" if report else "claims-val.json")
     out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": cfg.claims_split,
                                "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims),
                                "seconds": round(time.time() - start),
-                               "provenance": provenance(standalone["provenance"]["base_fingerprint"])}, indent=2))
+                               "provenance": provenance(runs_provenance(cfg, tasks)[0])}, indent=2))
     print(f"\nClaims on {'test' if report else 'validation'} ({sum(c['holds'] for c in claims)} of {len(claims)} "
           f"hold; numbers in {out}):")
     for c in claims:

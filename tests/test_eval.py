@@ -267,11 +267,13 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         reproduce(missing)
 
-    # choosing on validation: the same claims from validation accuracies, and no test number printed
+    # choosing on validation: the same claims from validation accuracies, and no test number printed or written
     capsys.readouterr()
+    table = {path: path.read_text() for path in folder.glob("standalone*")}
     chosen = json.loads(reproduce(dataclasses.replace(cfg, report_only=True, claims_split="val")).read_text())
     printed = capsys.readouterr().out
     assert "Claims on validation" in printed and "Standalone test accuracy" not in printed
+    assert table and {path: path.read_text() for path in folder.glob("standalone*")} == table
     assert chosen["split"] == "val" and (folder / "claims-val.json").exists()
     assert json.loads((folder / "claims.json").read_text())["claims"] == report["claims"]  # the report is kept
     points = [json.loads(line) for line in (merge_root(cfg, 420, "all-tasks") / "tv-full" / "points.jsonl")

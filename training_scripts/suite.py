@@ -137,13 +137,14 @@ def train_runs(runs: list[TrainConfig], jobs: int, show: bool = True) -> None:
              lambda run: Path(run.output_dir).name)
 
 
-def train_suite(cfg: SuiteConfig, show: bool = True) -> Path:
-    """Every run of the suite, then its standalone table; `show` false prints no test number."""
+def train_suite(cfg: SuiteConfig, report: bool = True) -> Path | None:
+    """Every run of the suite, then its standalone table; `report` false (choosing on validation) prints and
+    writes no test number, so no table."""
     tasks = cfg.tasks or list(PAPER_TASKS)
     runs = suite_runs(cfg, tasks)
     prepare_bases(cfg, runs)
-    train_runs(runs, cfg.jobs or default_jobs(cfg.device), show)
-    return write_standalone_table(cfg, tasks, show)
+    train_runs(runs, cfg.jobs or default_jobs(cfg.device), report)
+    return write_standalone_table(cfg, tasks) if report else None
 
 
 def _mean_row(rows: list[dict], task: str) -> dict:
@@ -194,7 +195,7 @@ def default_results(cfg: SuiteConfig) -> Path:
     return _suite_folder(root, cfg) / name
 
 
-def _runs_provenance(cfg: SuiteConfig, tasks: list[str]) -> tuple[str, list]:
+def runs_provenance(cfg: SuiteConfig, tasks: list[str]) -> tuple[str, list]:
     """The one base every run of the table was trained on (runs of several bases are refused), and the
     CPU thread counts they computed with."""
     bases: dict[str, list[str]] = {}
@@ -213,11 +214,10 @@ def _runs_provenance(cfg: SuiteConfig, tasks: list[str]) -> tuple[str, list]:
     return next(iter(bases)), sorted(threads, key=str)
 
 
-def write_standalone_table(cfg: SuiteConfig, tasks: list[str], show: bool = True) -> Path:
-    """standalone.{md,json}: each task's test accuracy at the report's scales; printed unless `show` is false
-    (choosing on validation)."""
+def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
+    """standalone.{md,json}: each task's test accuracy at the report's scales, also printed."""
     seeds = suite_seeds(cfg)
-    base_fingerprint, threads = _runs_provenance(cfg, tasks)
+    base_fingerprint, threads = runs_provenance(cfg, tasks)
     per_seed = {seed: _seed_rows(cfg, tasks, seed) for seed in seeds}
     rows = _with_mean([_mean_row([per_seed[seed][i] for seed in seeds], task) for i, task in enumerate(tasks)])
     out = Path(cfg.results or default_results(cfg))
@@ -239,8 +239,7 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str], show: bool = True
                                                "rows_by_seed": {str(k): v for k, v in per_seed.items()},
                                                "provenance": {**provenance(base_fingerprint), "threads": threads}},
                                               indent=2))
-    if show:
-        print("\n".join(lines))
+    print("\n".join(lines))
     return Path(f"{out}.md")
 
 
