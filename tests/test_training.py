@@ -160,12 +160,12 @@ def test_non_finite_or_negative_settings_are_refused(argv, capsys):
 def test_suite_runs_chosen_on_validation_print_no_test_accuracy(tmp_path, capsys):
     from training_scripts.suite import train_runs
 
-    for show in (True, False):
-        run = TrainConfig(**tiny_train_args(tmp_path / f"show-{show}", max_steps=2, eval_freq=2))
-        train_runs([run], jobs=1, show=show)
+    for report in (True, False):
+        run = TrainConfig(**tiny_train_args(tmp_path / f"report-{report}", max_steps=2, eval_freq=2))
+        train_runs([run], jobs=1, report=report)
         printed = capsys.readouterr().out
-        assert ("test_accuracy" in printed) == show
-        assert json.loads((tmp_path / f"show-{show}" / METADATA_FILE).read_text())["test_accuracy"] >= 0
+        assert ("test_accuracy" in printed) == report
+        assert json.loads((tmp_path / f"report-{report}" / METADATA_FILE).read_text())["test_accuracy"] >= 0
 
 
 def test_suite_and_merge_ranges_are_checked():

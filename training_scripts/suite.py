@@ -124,16 +124,16 @@ def _train_unreported(run: TrainConfig) -> Path:
         return train_vision(run)
 
 
-def train_runs(runs: list[TrainConfig], jobs: int, show: bool = True) -> None:
-    """Trains the runs, `jobs` at a time in worker processes (in this process when jobs = 1); `show`:
-    print each run's summary.
+def train_runs(runs: list[TrainConfig], jobs: int, report: bool = True) -> None:
+    """Trains the runs, `jobs` at a time in worker processes (in this process when jobs = 1); `report`:
+    print each run's summary (false when choosing on validation: it holds test accuracies).
 
     A finished run is skipped and an interrupted one resumes, so after a crash the same command
     continues; the first failure stops the rest and names its run.
     """
     if jobs > 1:
         runs = [dataclasses.replace(run, progress=False) for run in runs]  # one bar for all
-    run_jobs(train_vision if show else _train_unreported, runs, jobs, f"training {len(runs)} runs",
+    run_jobs(train_vision if report else _train_unreported, runs, jobs, f"training {len(runs)} runs",
              lambda run: Path(run.output_dir).name)
 
 
