@@ -194,13 +194,13 @@ def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
             z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
             finetuned = statistics.fmean(cell.finetuned(cfg.target, split))
             kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
-            numbers.update(control_gain_kept=kept)
+            numbers.update(control_gain_kept=kept, **task_means(cell, split))
             claims.append(_claim(
                 f"two-task merge {cell.group}, {cell.name}: protected {cfg.target} ≤ zero-shot + "
                 f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
                 {f"protected {p:.2f} ≤ zero-shot + {MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} = "
                  f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": _at_most(p, z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT),
-                 f"control keeps {kept:.1%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain":
+                 f"control keeps {kept:.2%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain":
                      _at_most(MIN_CONTROL_GAIN_KEPT, kept)},
                 **numbers))
     return claims
@@ -217,18 +217,23 @@ def standalone_costs(cfg: ReproduceConfig, tasks: list[str]) -> list[float]:
             for seed in suite_seeds(cfg)]
 
 
+def task_means(cell: CellResults, split: str) -> dict:
+    """Each scenario's mean accuracy over the merged tasks (%, mean ± std over the seeds). The control's mean
+    says whether merging gains anything unprotected; in a two-task merge the protected one says whether the
+    attacker kept the target by giving its partner up."""
+    return {f"{kind.replace('-', '_')}_task_mean": _mean_std([statistics.fmean(100 * a for a in accs.values())
+                                                             for accs in cell.accuracies(kind, split)])
+            for kind in ("protected", "control", "zero-shot")}
+
+
 def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     """The paper's bar for a merge of every task: the protected target ≤ zero-shot + 1 and below the control,
     and the protected scenario's task mean ≤ the zero-shot mean + 0.5 (means over the seeds)."""
     zero, protected, control = (cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control"))
-    numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
+    numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control),
+               **task_means(cell, split)}
     z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
-    means, control_means, zero_means = ([statistics.fmean(100 * a for a in accs.values()) for accs in
-                                         cell.accuracies(kind, split)] for kind in ("protected", "control", "zero-shot"))
-    # the control's mean is not in the bar: it says whether merging gains anything unprotected
-    numbers.update(protected_task_mean=_mean_std(means), control_task_mean=_mean_std(control_means),
-                   zero_shot_task_mean=_mean_std(zero_means))
-    mean, zero_mean = statistics.fmean(means), statistics.fmean(zero_means)
+    mean, zero_mean = (numbers[key]["mean"] for key in ("protected_task_mean", "zero_shot_task_mean"))
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
             [100 * s["scenarios"]["protected"]["adaptive"][split][target] for s in cell.per_seed])

@@ -299,6 +299,9 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     alone = 100 * pair["pre_merge"]["alone"]["val"][str(run_dir(cfg, "gtsrb", False, 420))]["gtsrb"]
     kept = (control - zero) / (alone - zero) if alone > zero else 0.0
     assert chosen["claims"][2]["control_gain_kept"] == pytest.approx(kept)
+    protected_pair = pair["scenarios"]["protected"]["val"]  # the partner's fate is recorded beside the target's
+    assert chosen["claims"][2]["protected_task_mean"]["mean"] == pytest.approx(
+        100 * (protected_pair["gtsrb"] + protected_pair["mnist"]) / 2)
     del summary["scenarios"]["control"]["val"]  # a summary from before validation accuracies were kept
     with pytest.raises(ValueError, match="no val accuracies of its chosen merge"):
         merge_claims(dataclasses.replace(cfg, claims_split="val"), [CellResults("all-tasks", "tv/full", 2, [summary])])
@@ -328,6 +331,10 @@ def test_claims_at_their_bar_hold_although_float_arithmetic_breaks_the_tie():
     claims = merge_claims(cfg, over)
     assert [c["holds"] for c in claims] == [False, False]
     assert claims[0]["unmet"] == ["protected 43.60 ≤ zero-shot + 2.0 = 43.20"]
+    # a control a hair under its bar (29.98 % of the gain) must not read as the bar itself in `unmet`
+    short = [CellResults("with-mnist", "tv/full", 2, [summary({"gtsrb": 0.412}, {"gtsrb": 0.412},
+                                                              {"gtsrb": 0.412 + 0.2998 * (0.9 - 0.412)})])]
+    assert merge_claims(cfg, short)[0]["unmet"] == ["control keeps 29.98% ≥ 30% of its gain"]
 
 
 def test_claims_split_is_checked_and_only_reproduce_judges_on_validation():
