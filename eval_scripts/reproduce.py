@@ -180,30 +180,8 @@ def cost_claim(costs: list[float], n_tasks: int) -> dict:
 def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
     """Each merge claim with its numbers (in %, mean ± std over the seeds) and whether it holds, read on
     `cfg.claims_split`."""
-    split = cfg.claims_split
-    claims = []
-    for cell in cells:
-        if cell.group == "4-tasks":
-            continue  # reported in the merge-size figure; the issue sets no bar for it
-        if cell.group == "all-tasks":
-            claims.append(all_task_claim(cfg.target, cell, split))
-        else:
-            zero, protected, control = (cell.target(kind, cfg.target, split)
-                                        for kind in ("zero-shot", "protected", "control"))
-            numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control)}
-            z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
-            finetuned = statistics.fmean(cell.finetuned(cfg.target, split))
-            kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
-            numbers.update(control_gain_kept=kept, **task_means(cell, split))
-            claims.append(_claim(
-                f"two-task merge {cell.group}, {cell.name}: protected {cfg.target} ≤ zero-shot + "
-                f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
-                {f"protected {p:.2f} ≤ zero-shot + {MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} = "
-                 f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": _at_most(p, z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT),
-                 f"control keeps {kept:.2%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain":
-                     _at_most(MIN_CONTROL_GAIN_KEPT, kept)},
-                **numbers))
-    return claims
+    return [(all_task_claim if cell.group == "all-tasks" else two_task_claim)(cfg.target, cell, cfg.claims_split)
+            for cell in cells if cell.group != "4-tasks"]  # 4 tasks: in the merge-size figure; the issue sets no bar
 
 
 def standalone_costs(cfg: ReproduceConfig, tasks: list[str]) -> list[float]:
@@ -217,23 +195,39 @@ def standalone_costs(cfg: ReproduceConfig, tasks: list[str]) -> list[float]:
             for seed in suite_seeds(cfg)]
 
 
-def task_means(cell: CellResults, split: str) -> dict:
-    """Each scenario's mean accuracy over the merged tasks (%, mean ± std over the seeds). The control's mean
-    says whether merging gains anything unprotected; in a two-task merge the protected one says whether the
-    attacker kept the target by giving its partner up."""
-    return {f"{kind.replace('-', '_')}_task_mean": _mean_std([statistics.fmean(100 * a for a in accs.values())
-                                                             for accs in cell.accuracies(kind, split)])
-            for kind in ("protected", "control", "zero-shot")}
+def scenario_numbers(target: str, cell: CellResults, split: str) -> dict:
+    """The target's accuracy in each scenario and each scenario's mean over the merged tasks (%, mean ± std over
+    the seeds). The control's task mean says whether merging gains anything unprotected; in a two-task merge the
+    protected one says whether the attacker kept the target by giving its partner up."""
+    kinds = ("zero-shot", "protected", "control")
+    return {**{kind.replace("-", "_"): _mean_std(cell.target(kind, target, split)) for kind in kinds},
+            **{f"{kind.replace('-', '_')}_task_mean": _mean_std([statistics.fmean(100 * a for a in accs.values())
+                                                                for accs in cell.accuracies(kind, split)])
+               for kind in kinds}}
+
+
+def two_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
+    """The issue's bar for a two-task merge: the protected target ≤ zero-shot + 2 while the control keeps ≥ 30 %
+    of the target's fine-tuning gain over zero-shot (means over the seeds)."""
+    numbers = scenario_numbers(target, cell, split)
+    z, p, c = (numbers[kind]["mean"] for kind in ("zero_shot", "protected", "control"))
+    finetuned = statistics.fmean(cell.finetuned(target, split))
+    kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
+    return _claim(
+        f"two-task merge {cell.group}, {cell.name}: protected {target} ≤ zero-shot + "
+        f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
+        {f"protected {p:.2f} ≤ zero-shot + {MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} = "
+         f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": _at_most(p, z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT),
+         f"control keeps {kept:.2%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain": _at_most(MIN_CONTROL_GAIN_KEPT, kept)},
+        **numbers, control_gain_kept=kept)
 
 
 def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     """The paper's bar for a merge of every task: the protected target ≤ zero-shot + 1 and below the control,
     and the protected scenario's task mean ≤ the zero-shot mean + 0.5 (means over the seeds)."""
-    zero, protected, control = (cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control"))
-    numbers = {"zero_shot": _mean_std(zero), "protected": _mean_std(protected), "control": _mean_std(control),
-               **task_means(cell, split)}
-    z, p, c = (statistics.fmean(v) for v in (zero, protected, control))
-    mean, zero_mean = (numbers[key]["mean"] for key in ("protected_task_mean", "zero_shot_task_mean"))
+    numbers = scenario_numbers(target, cell, split)
+    z, p, c, mean, zero_mean = (numbers[key]["mean"] for key in ("zero_shot", "protected", "control",
+                                                                  "protected_task_mean", "zero_shot_task_mean"))
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
             [100 * s["scenarios"]["protected"]["adaptive"][split][target] for s in cell.per_seed])
