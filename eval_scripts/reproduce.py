@@ -313,15 +313,15 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         cells = sorted(merge_cells(cfg, tasks), key=lambda cell: "all-tasks" not in cell.output_dir)  # long ones first
         run_cells(cells, jobs, side_jobs=[(run_curve, curve)] if report else [])
     results = merge_results(cfg, tasks)
-    if report:
-        build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
-        plot_merges(cfg, len(tasks), results, folder)
     claims = [cost_claim(standalone_costs(cfg, tasks), len(tasks))] + merge_claims(cfg, results)
     out = folder / ("claims.json" if report else "claims-val.json")
     out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": cfg.claims_split,
                                "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims),
                                "seconds": round(time.time() - start),
                                "provenance": provenance(runs_provenance(cfg, tasks)[0])}, indent=2))
+    if report:  # after claims.json: the tables show it
+        build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
+        plot_merges(cfg, len(tasks), results, folder)
     print(f"\nClaims on {'test' if report else 'validation'} ({sum(c['holds'] for c in claims)} of {len(claims)} "
           f"hold; numbers in {out}):")
     for c in claims:

@@ -4,6 +4,8 @@
 
 - Standalone table (paper Table 1): mean test accuracy over the suite's tasks of the zero-shot
   base, the unprotected fine-tune and the Trap²-protected update (from training_scripts.suite).
+- Claims (eval_scripts.reproduce's claims.json): each claim of the issue with its numbers as mean ± std
+  over the seeds, whether it holds and what it misses.
 - Post-merging tables: per target, method × space, the target's test accuracy after the attacker's
   best merge, protected vs the all-unprotected control, and the mean over tasks.
 - Few-shot recovery (eval_scripts.recovery): the target's test accuracy after an attacker fine-tunes
@@ -83,6 +85,36 @@ def merge_rows(root: Path) -> list[dict]:
     return rows
 
 
+def _spread(numbers: dict | None) -> str:
+    """A claim's number (already in %) as mean ± std over its seeds."""
+    return "" if numbers is None else f"{numbers['mean']:.1f} ± {numbers['std']:.1f}"
+
+
+def claims_tables(root: Path) -> list[tuple[str, list[dict]]]:
+    """Each test-split claims*.json (eval_scripts.reproduce) under `root` as (title, rows): per claim its
+    numbers with their seed spread, whether it holds, and the conditions it misses. Validation files
+    (claims-val.json, for choosing settings) are left out: these tables report test."""
+    tables = []
+    for path in sorted(root.glob("**/claims*.json")):
+        data = json.loads(path.read_text())
+        if data.get("split", "test") != "test":
+            continue
+        rows = []
+        for c in data["claims"]:
+            cell, _, _ = c["claim"].partition(":")
+            rows.append({"claim": cell, "cost": _spread(c.get("cost")), "zero-shot": _spread(c.get("zero_shot")),
+                         "protected": _spread(c.get("protected")), "control": _spread(c.get("control")),
+                         "control keeps": f"{c['control_gain_kept']:.2%}" if "control_gain_kept" in c else "",
+                         "task mean protected": _spread(c.get("protected_task_mean")),
+                         "task mean zero-shot": _spread(c.get("zero_shot_task_mean")),
+                         "holds": "yes" if c["holds"] else "NO",
+                         "unmet": "; ".join(c.get("unmet", []))})  # files older than `unmet` name none
+        seeds = data.get("seeds") or []
+        tables.append((f"Claims: {path.relative_to(root)} ({data['holds']} of {data['of']} hold; seeds "
+                       f"{', '.join(map(str, seeds))}; target accuracy in %, mean ± std over the seeds)", rows))
+    return tables
+
+
 def _markdown(rows: list[dict], title: str) -> list[str]:
     if not rows:
         return []
@@ -97,7 +129,9 @@ def _latex(rows: list[dict], title: str) -> list[str]:
     if not rows:
         return []
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    esc = lambda s: str(s).replace("_", r"\_").replace("²", r"$^2$").replace("%", r"\%").replace("λ", r"$\lambda$").replace("∪", r"$\cup$")
+    symbols = {"_": r"\_", "%": r"\%", "²": r"$^2$", "λ": r"$\lambda$", "∪": r"$\cup$", "±": r"$\pm$",
+               "≤": r"$\leq$", "≥": r"$\geq$", "−": r"$-$"}
+    esc = lambda s: "".join(symbols.get(ch, ch) for ch in str(s))
     out = [f"% {title}", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
            " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
     for r in rows:
@@ -117,6 +151,9 @@ def build_tables(cfg: TablesConfig) -> tuple[Path, Path]:
     tex = []
     md += _markdown(standalone, "Standalone mean accuracy (Table 1 layout)")
     tex += _latex(standalone, "Standalone mean accuracy")
+    for title, rows in claims_tables(root):
+        md += _markdown(rows, title)
+        tex += _latex(rows, title)
     for group in dict.fromkeys(r["group"] for r in merged):
         rows = [{k: v for k, v in r.items() if k != "group"} for r in merged if r["group"] == group]
         for r in rows:

@@ -247,7 +247,17 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     assert all_tasks["unmet"] == [text for text, met in conditions.items() if not met]
     assert all(claim["holds"] == (claim["unmet"] == []) for claim in report["claims"])
     folder = out.parent
-    assert "Post-merging" in (folder / "tables.md").read_text()
+    tables = (folder / "tables.md").read_text()
+    assert "Post-merging" in tables
+    # the claims, with their seed spread, in the tables too: one row per claim, its verdict and what it misses
+    claims_table = tables.split(f"### Claims: claims.json ({report['holds']} of 3 hold; seeds 420;")[1].split("###")[0]
+    rows = [line for line in claims_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 3
+    for row, claim in zip(rows, report["claims"]):
+        cells = row.split(" | ")
+        assert cells[0] == "| " + claim["claim"].split(":")[0] and ("yes" if claim["holds"] else "NO") in cells
+    assert f"{all_tasks['protected']['mean']:.1f} ± 0.0" in rows[1]
+    assert r"$\pm$" in (folder / "tables.tex").read_text()
     for figure in ("merge-cells.png", "merge-size.png", "tables-tradeoff.png", "scaling_curve_gtsrb.png"):
         assert (folder / figure).stat().st_size > 1000
     assert (merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json").exists()
