@@ -159,13 +159,13 @@ def realign_to_base(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blo
 def realigned_update(update: ReleasedUpdate, base_state: dict[str, torch.Tensor],
                      blocks: list[TransformerBlock]) -> ReleasedUpdate:
     """The update as a realigning attacker merges it: W0 + ΔW realigned to the base, as a full update (a LoRA
-    adapter's realigned ΔW is full rank). It keeps the file's content hash, which names the update it came from."""
+    adapter's realigned ΔW is full rank). It keeps the source update's content hash, which names the update it came from."""
     w0 = {n: t.double() for n, t in base_state.items() if t.is_floating_point()}
     w = {n: t + update.delta(n).double() if n in update.names() else t for n, t in w0.items()}
     realign_to_base(w, w0, blocks)
     deltas = {n: (w[n] - w0[n]).float() for n in w0 if n in update.names() or not torch.equal(w[n], w0[n])}
     realigned = ReleasedUpdate(update.path, "full", update.metadata, full=deltas)
-    realigned.__dict__["content_hash"] = update.content_hash  # the cached property: the source file's hash
+    realigned.__dict__["content_hash"] = update.content_hash  # the cached property: the source update's hash
     return realigned
 
 

@@ -290,14 +290,17 @@ class ReleasedUpdate:
 
     @cached_property
     def content_hash(self) -> str:
-        """sha256 of the weights file: identifies the update itself, not the folder it lies in.
-        Read once per loaded update (full updates of large models are gigabytes)."""
-        weights = self.path / (PEFT_WEIGHTS if self.kind == "lora" else FULL_FILE)
-        h = hashlib.sha256()
-        with open(weights, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        return h.hexdigest()[:16]
+        """What a merge reads of the update, hashed: its tensors (names, dtypes, shapes, bytes) and each LoRA
+        layer's scaling (adapter_config.json's α/r). Neither the folder it lies in nor the file's `__metadata__`
+        (the commit that wrote it): the same weights trained again at another commit reuse their logged merge
+        points. Computed once per loaded update (full updates of large models are gigabytes)."""
+        tensors = dict(self.full)
+        for name, layer in self.lora.items():
+            tensors |= {f"{name}|A": layer.A, f"{name}|B": layer.B}
+            if isinstance(layer, DoraFactors):
+                tensors[f"{name}|magnitude"] = layer.magnitude
+        scalings = ",".join(f"{name}={layer.scaling!r}" for name, layer in sorted(self.lora.items()))
+        return hashlib.sha256(f"{self.kind}|{fingerprint(tensors)}|{scalings}".encode()).hexdigest()[:16]
 
     @property
     def task(self) -> str:

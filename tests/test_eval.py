@@ -161,7 +161,8 @@ def test_an_experiment_under_another_runs_root_never_writes_the_shipped_table():
 
 
 def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(trained_updates, tmp_path):
-    """Logged points are keyed by the updates' contents, so resuming never mixes in stale results."""
+    """Logged points are keyed by what a merge reads of the updates (weights and LoRA scaling, not the file's
+    metadata), so resuming never mixes in stale results and a re-trained identical update reuses them."""
     import shutil
 
     from eval_scripts.linear_search import MergeConfig, run_merge_eval
@@ -175,12 +176,25 @@ def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(traine
     run_merge_eval(cfg)  # same contents: everything comes from the log
     assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == n_points
     weights = folder / "adapter_model.safetensors"
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(weights))
-    save_file({k: v * 1.5 if "lora_B" in k else v for k, v in tensors.items()}, str(weights))  # "retrained"
+    with safe_open(str(weights), "pt") as fh:
+        metadata = fh.metadata()
+    assert metadata["trap2_commit"]  # the same weights written at another commit are the same update
+    save_file(tensors, str(weights), metadata={**metadata, "trap2_commit": "0123456789ab"})
+    run_merge_eval(cfg)
+    assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == n_points
+    adapter_config = folder / "adapter_config.json"  # α/r scales every ΔW: another α is another update
+    config = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
     run_merge_eval(cfg)
     assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 2 * n_points
+    adapter_config.write_text(json.dumps(config))
+    save_file({k: v * 1.5 if "lora_B" in k else v for k, v in tensors.items()}, str(weights))  # "retrained"
+    run_merge_eval(cfg)
+    assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 3 * n_points
 
 
 def test_cells_of_a_merge_set_share_evaluations(trained_updates, tmp_path, monkeypatch):
