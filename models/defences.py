@@ -159,7 +159,8 @@ def realign_to_base(w: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], blo
 def realigned_update(update: ReleasedUpdate, base_state: dict[str, torch.Tensor],
                      blocks: list[TransformerBlock]) -> ReleasedUpdate:
     """The update as a realigning attacker merges it: W0 + ΔW realigned to the base, as a full update (a LoRA
-    adapter's realigned ΔW is full rank). It keeps the source update's content hash, which names the update it came from."""
+    adapter's realigned ΔW is full rank). It keeps the source update's content hash, which names the update it
+    came from."""
     w0 = {n: t.double() for n, t in base_state.items() if t.is_floating_point()}
     w = {n: t + update.delta(n).double() if n in update.names() else t for n, t in w0.items()}
     realign_to_base(w, w0, blocks)
