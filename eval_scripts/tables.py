@@ -125,13 +125,16 @@ def _markdown(rows: list[dict], title: str) -> list[str]:
     return out + [""]
 
 
+# characters of the tables' text that LaTeX needs written otherwise
+LATEX_SYMBOLS = {"_": r"\_", "%": r"\%", "²": r"$^2$", "λ": r"$\lambda$", "∪": r"$\cup$", "±": r"$\pm$",
+                 "≤": r"$\leq$", "≥": r"$\geq$", "−": r"$-$"}
+
+
 def _latex(rows: list[dict], title: str) -> list[str]:
     if not rows:
         return []
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    symbols = {"_": r"\_", "%": r"\%", "²": r"$^2$", "λ": r"$\lambda$", "∪": r"$\cup$", "±": r"$\pm$",
-               "≤": r"$\leq$", "≥": r"$\geq$", "−": r"$-$"}
-    esc = lambda s: "".join(symbols.get(ch, ch) for ch in str(s))
+    esc = lambda s: "".join(LATEX_SYMBOLS.get(ch, ch) for ch in str(s))
     out = [f"% {title}", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
            " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
     for r in rows:
