@@ -40,9 +40,7 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
     merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in merge_fields}
     paths = [*(cfg.protected or ()), *(cfg.control or ()), *(cfg.others or ())]
-    if "core" in spaces and any(update_kind(p) == "full" for p in paths):
-        spaces = [s for s in spaces if s != "core"]
-        note_core_skipped()
+    spaces = usable_spaces(spaces, {update_kind(p) for p in paths})
     cells = []
     for space in spaces:
         for method in methods:
@@ -51,6 +49,14 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
                 values["output_dir"] = f"{cfg.results_root}/{method}-{space}"
             cells.append(MergeConfig(**values))
     return cells
+
+
+def usable_spaces(spaces: list[str], kinds: set[str | None]) -> list[str]:
+    """The spaces a merge of updates of these kinds (lora, full) can use: Core space needs LoRA factors."""
+    if "core" in spaces and "full" in kinds:
+        note_core_skipped()
+        return [s for s in spaces if s != "core"]
+    return spaces
 
 
 @functools.cache

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.offline import PAPER_TASKS
-from eval_scripts.grid import GridConfig, grid_cells, run_cells
+from eval_scripts.grid import MERGE_SPACES, GridConfig, grid_cells, run_cells, usable_spaces
 from eval_scripts.scaling_curve import CurveConfig, run_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
-from training_scripts.suite import (SuiteConfig, default_results, run_dir, runs_provenance, suite_seeds,
-                                   train_suite, validation_accuracy, write_standalone_table)
+from training_scripts.suite import (SuiteConfig, default_results, read_standalone_table, run_dir, runs_finished,
+                                   runs_provenance, suite_seeds, train_suite, validation_accuracy,
+                                   write_standalone_table)
 
 # The claims, as issue 14 states them (points of accuracy; the report reads test, a selection val).
 MAX_COST = 1.5  # standalone: fine-tuned − Trap², mean over tasks
@@ -63,7 +64,8 @@ class ReproduceConfig(SuiteConfig):
         True, "run the merge-size study (the target with each other task, and with three others)")
     report_only: bool = option(
         False, "only rebuild the tables, figures and claims from the finished runs and merges on disk (e.g. seeds "
-               "merged on other machines); train and merge nothing")
+               "merged on other machines); train and merge nothing. Without the runs, the standalone table is read "
+               "as it is")
     claims_split: str = option(
         "test", "split the claims read: test (the report) or val (for choosing hyperparameters: claims-val.json, "
                 "and no test number printed)")
@@ -95,21 +97,25 @@ def merge_cells(cfg: ReproduceConfig, tasks: list[str]) -> list:
     if cfg.target not in tasks:
         raise ValueError(f"--target {cfg.target} is not one of the suite's tasks {tasks}")
     others = [t for t in tasks if t != cfg.target]
+    # from the config, not the updates' files, so that --report_only needs no runs on disk
+    spaces = usable_spaces(cfg.merge_spaces or list(MERGE_SPACES), {cfg.peft})
+    size_spaces = usable_spaces(cfg.size_spaces or ["full", "core"], {cfg.peft}) if cfg.merge_sizes else []
+    if not spaces:
+        raise ValueError(f"--merge_spaces {' '.join(cfg.merge_spaces)}: Core space needs LoRA factors and --peft "
+                         f"full updates have none; add full or knots")
     cells = []
     for seed in suite_seeds(cfg):
         scenario = target_scenario(cfg, seed)
         cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in others],
-                                       adaptive=cfg.adaptive, methods=cfg.merge_methods, spaces=cfg.merge_spaces,
+                                       adaptive=cfg.adaptive, methods=cfg.merge_methods, spaces=spaces,
                                        results_root=str(merge_root(cfg, seed, "all-tasks"))))
-        if cfg.merge_sizes:
-            groups = {f"with-{other}": [other] for other in others}
-            if len(others) > 3:
-                groups["4-tasks"] = others[:3]
-            for group, members in groups.items():
-                cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in members],
-                                               methods=cfg.size_methods or ["tv", "ties"],
-                                               spaces=cfg.size_spaces or ["full", "core"],
-                                               results_root=str(merge_root(cfg, seed, group))))
+        groups = {f"with-{other}": [other] for other in others} if size_spaces else {}
+        if size_spaces and len(others) > 3:
+            groups["4-tasks"] = others[:3]
+        for group, members in groups.items():
+            cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in members],
+                                           methods=cfg.size_methods or ["tv", "ties"], spaces=size_spaces,
+                                           results_root=str(merge_root(cfg, seed, group))))
     return cells
 
 
@@ -188,7 +194,7 @@ def standalone_costs(cfg: ReproduceConfig, tasks: list[str]) -> list[float]:
     """Each seed's fine-tuned − Trap² accuracy at s = 1 (points, mean over the tasks) on the claims' split:
     test from the standalone table, val from each update's own validation score."""
     if cfg.claims_split == "test":
-        standalone = json.loads(Path(f"{cfg.results or default_results(cfg)}.json").read_text())
+        standalone = read_standalone_table(cfg, tasks)
         return [100 * (r[-1]["plain@1"] - r[-1]["trap2@1"]) for r in standalone["rows_by_seed"].values()]
     return [100 * statistics.fmean(validation_accuracy(cfg, task, False, seed) -
                                    validation_accuracy(cfg, task, True, seed) for task in tasks)
@@ -298,9 +304,12 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     pin_threads(resolve_device(cfg.device))  # as every stage computes, here or in the workers
     folder = results_folder(cfg)
     report = cfg.claims_split == "test"  # choosing on val: no table or figure of test numbers
+    on_disk = runs_finished(cfg, tasks)
     if cfg.report_only:
-        if report:
+        if report and on_disk:
             write_standalone_table(cfg, tasks)
+        elif report:
+            print(f"the runs are not all on disk: the standalone table is read as it is from {results_folder(cfg)}")
         missing = [c.output_dir for c in merge_cells(cfg, tasks) if not (Path(c.output_dir) / "summary.json").exists()]
         if missing:
             raise FileNotFoundError(f"--report_only: {len(missing)} merge cells have no summary.json (first: "
@@ -313,12 +322,14 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         cells = sorted(merge_cells(cfg, tasks), key=lambda cell: "all-tasks" not in cell.output_dir)  # long ones first
         run_cells(cells, jobs, side_jobs=[(run_curve, curve)] if report else [])
     results = merge_results(cfg, tasks)
+    base_fingerprint = (runs_provenance(cfg, tasks)[0] if on_disk or not cfg.report_only else
+                        read_standalone_table(cfg, tasks)["provenance"]["base_fingerprint"])
     claims = [cost_claim(standalone_costs(cfg, tasks), len(tasks))] + merge_claims(cfg, results)
     out = folder / ("claims.json" if report else "claims-val.json")
     out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": cfg.claims_split,
                                "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims),
                                "seconds": round(time.time() - start),
-                               "provenance": provenance(runs_provenance(cfg, tasks)[0])}, indent=2))
+                               "provenance": provenance(base_fingerprint)}, indent=2))
     if report:  # after claims.json: the tables show it
         build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
         plot_merges(cfg, len(tasks), results, folder)

@@ -235,8 +235,8 @@ def test_the_evaluation_cache_reads_complete_lines_of_other_writers(tmp_path):
 
 def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, monkeypatch, capsys):
     from conftest import TINY_BASE, TINY_SPLITS
-    from eval_scripts.reproduce import CellResults, ReproduceConfig, merge_claims, merge_root, reproduce
-    from training_scripts.suite import run_dir
+    from eval_scripts.reproduce import CellResults, ReproduceConfig, merge_cells, merge_claims, merge_root, reproduce
+    from training_scripts.suite import read_standalone_table, run_dir
 
     cfg = ReproduceConfig(tasks=["gtsrb", "mnist"], runs_root=str(tmp_path / "runs"), jobs=1, lambda_reg=0.1,
                           base_options=dict(TINY_BASE), split_sizes=dict(TINY_SPLITS), max_steps=6, eval_freq=3,
@@ -287,6 +287,25 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     (folder / "claims.json").unlink()
     again = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
     assert again["claims"] == report["claims"]
+    # a clone holding results/ but not the runs: the same claims, from the standalone table and merges on disk
+    runs = [run_dir(cfg, task, protected, 420) for task in cfg.tasks for protected in (False, True)]
+    for i, run in enumerate(runs):
+        run.rename(tmp_path / f"run-elsewhere-{i}")
+    (folder / "claims.json").unlink()
+    without_runs = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
+    assert without_runs["claims"] == report["claims"]
+    assert without_runs["provenance"]["base_fingerprint"] == report["provenance"]["base_fingerprint"]
+    with pytest.raises(ValueError, match=r"holds seeds \['420'\] .* not seeds \['420', '421'\]"):
+        read_standalone_table(dataclasses.replace(cfg, seeds=[420, 421], results=str(folder / "standalone")),
+                              cfg.tasks)
+    # full fine-tunes have no Core space, known from the config when the runs are gone
+    full = dataclasses.replace(cfg, peft="full", size_spaces=["full", "core"])
+    assert {(Path(c.output_dir).parent.name, c.merge_space) for c in merge_cells(full, cfg.tasks)} == {
+        ("all-tasks", "full"), ("with-mnist", "full")}
+    with pytest.raises(ValueError, match="Core space needs LoRA factors"):
+        merge_cells(dataclasses.replace(full, merge_spaces=["core"]), cfg.tasks)
+    for i, run in enumerate(runs):
+        (tmp_path / f"run-elsewhere-{i}").rename(run)
     missing = dataclasses.replace(cfg, report_only=True, merge_methods=["ties"])
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         reproduce(missing)

@@ -163,6 +163,28 @@ def _finished_run(folder: Path) -> dict:
     return json.loads((folder / METADATA_FILE).read_text())
 
 
+def runs_finished(cfg: SuiteConfig, tasks: list[str]) -> bool:
+    """Whether every update of the suite's seeds and tasks (plain and Trap²) is finished on disk."""
+    return all((run_dir(cfg, task, protected, seed) / METADATA_FILE).is_file()
+               for seed in suite_seeds(cfg) for task in tasks for protected in (False, True))
+
+
+def read_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> dict:
+    """The standalone table's .json as write_standalone_table wrote it, checked to cover exactly these seeds
+    and tasks (a clone holding results/ but not the runs reads it instead of rebuilding it)."""
+    path = Path(f"{cfg.results or default_results(cfg)}.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing and the runs it is made from are not all on disk; run the "
+                                f"command without --report_only to train them")
+    table = json.loads(path.read_text())
+    seeds, table_seeds = [str(s) for s in suite_seeds(cfg)], list(table.get("rows_by_seed", {}))
+    table_tasks = [row["task"] for row in table.get("rows", [])[:-1]]
+    if table_seeds != seeds or table_tasks != tasks:
+        raise ValueError(f"{path} holds seeds {table_seeds} and tasks {table_tasks}, not seeds {seeds} and tasks "
+                         f"{tasks}; pass the --seeds and --tasks it was made with, or --results for another table")
+    return table
+
+
 def validation_accuracy(cfg: SuiteConfig, task: str, protected: bool, seed: int) -> float:
     """A finished update's validation accuracy at s = 1 (the split a default's hyperparameters are chosen on)."""
     return _finished_run(run_dir(cfg, task, protected, seed))["val_accuracy"]
