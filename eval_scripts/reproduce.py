@@ -103,15 +103,15 @@ def merge_cells(cfg: ReproduceConfig, tasks: list[str]) -> list:
     if not spaces:
         raise ValueError(f"--merge_spaces {' '.join(cfg.merge_spaces)}: Core space needs LoRA factors and --peft "
                          f"full updates have none; add full or knots")
+    groups = {f"with-{other}": [other] for other in others} if size_spaces else {}
+    if groups and len(others) > 3:
+        groups["4-tasks"] = others[:3]
     cells = []
     for seed in suite_seeds(cfg):
         scenario = target_scenario(cfg, seed)
         cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in others],
                                        adaptive=cfg.adaptive, methods=cfg.merge_methods, spaces=spaces,
                                        results_root=str(merge_root(cfg, seed, "all-tasks"))))
-        groups = {f"with-{other}": [other] for other in others} if size_spaces else {}
-        if size_spaces and len(others) > 3:
-            groups["4-tasks"] = others[:3]
         for group, members in groups.items():
             cells += grid_cells(GridConfig(**scenario, others=[str(run_dir(cfg, t, False, seed)) for t in members],
                                            methods=cfg.size_methods or ["tv", "ties"], spaces=size_spaces,
@@ -304,9 +304,10 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     pin_threads(resolve_device(cfg.device))  # as every stage computes, here or in the workers
     folder = results_folder(cfg)
     report = cfg.claims_split == "test"  # choosing on val: no table or figure of test numbers
-    on_disk = runs_finished(cfg, tasks)
+    runs_on_disk = True  # trained below unless --report_only
     if cfg.report_only:
-        if report and on_disk:
+        runs_on_disk = runs_finished(cfg, tasks)
+        if report and runs_on_disk:
             write_standalone_table(cfg, tasks)
         elif report:
             print(f"the runs are not all on disk: the standalone table is read as it is from {results_folder(cfg)}")
@@ -322,7 +323,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         cells = sorted(merge_cells(cfg, tasks), key=lambda cell: "all-tasks" not in cell.output_dir)  # long ones first
         run_cells(cells, jobs, side_jobs=[(run_curve, curve)] if report else [])
     results = merge_results(cfg, tasks)
-    base_fingerprint = (runs_provenance(cfg, tasks)[0] if on_disk or not cfg.report_only else
+    base_fingerprint = (runs_provenance(cfg, tasks)[0] if runs_on_disk else
                         read_standalone_table(cfg, tasks)["provenance"]["base_fingerprint"])
     claims = [cost_claim(standalone_costs(cfg, tasks), len(tasks))] + merge_claims(cfg, results)
     out = folder / ("claims.json" if report else "claims-val.json")
