@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models.updates import ScaledUpdate
-from training_scripts.objective import SCALE_WEIGHTS, ScaleSampler, Trap2Objective
+from training_scripts.objective import SCALE_WEIGHTS, DecoyPartners, ScaleSampler, Trap2Objective
 
 
 def mse_loss(forward, batch):
@@ -242,3 +242,71 @@ def test_a_loss_that_is_not_per_example_is_refused():
     x, y = torch.randn(5, 3), torch.randn(5, 2)
     with pytest.raises(ValueError, match="one loss per example"):
         Trap2Objective(0.5, fixed_scales=[0.5]).backward(model, update, lambda f, b: mse_loss(f, b).mean(), (x, y))
+
+
+def test_decoy_pass_adds_the_gradient_of_the_loss_beside_a_decoy():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2, bias=False))
+    w0 = net[0].weight.detach().clone()
+    update = ScaledUpdate.full(net)
+    with torch.no_grad():
+        net[0].weight.add_(torch.randn(2, 3) * 0.5)
+    x, y, D = torch.randn(5, 3), torch.randn(5, 2), torch.randn(2, 3)
+    s, lam, lam_d, m = 0.3, 0.7, 0.4, 0.6
+    objective = Trap2Objective(lam, weight="none", fixed_scales=[s])
+    objective.attach_decoys(DecoyPartners(net, [{"0.weight": D}], [m, m]), lam_d)
+    metrics = objective.backward(net, update, mse_loss, (x, y))
+    W = net[0].weight.detach()
+
+    def grad(V):  # d/dV of mean((xVᵀ − y)²)
+        return 2 / y.numel() * (x @ V.T - y).T @ x
+
+    expected = grad(W) - lam * s * grad(w0 + s * (W - w0)) - lam_d * grad(W + m * D)
+    assert torch.allclose(net[0].weight.grad, expected, atol=1e-6)
+    assert metrics["loss_decoy"] == pytest.approx(float(((x @ (W + m * D).T - y) ** 2).mean()), rel=1e-6)
+    assert torch.equal(net(x), x @ W.T)  # the decoy left with its pass
+
+
+def test_decoys_are_added_beside_a_peft_adapter_exactly_and_drawn_from_the_objective_stream():
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.norm = nn.Linear(4, 6), nn.Linear(6, 2), nn.LayerNorm(2)
+
+        def forward(self, x):
+            return self.norm(self.fc2(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    plain = Tiny()
+    w0 = {k: v.clone() for k, v in plain.state_dict().items()}
+    net = get_peft_model(Tiny(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
+    net.base_model.model.load_state_dict(w0, strict=False)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    net.eval()
+    D1, D2 = torch.randn(6, 4), torch.randn(2, 6)
+    decoys = DecoyPartners(net, [{"fc1.weight": D1, "fc2.weight": D2}, {"fc2.weight": D2}], [0.5, 0.5])
+    x = torch.randn(3, 4)
+    before = net(x)
+    with torch.no_grad():
+        for layer in ("fc1", "fc2"):
+            lora = net.base_model.model.get_submodule(layer)
+            delta = lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+            plain.get_submodule(layer).weight.add_(delta + 0.5 * (D1 if layer == "fc1" else D2))
+    with decoys.added(0, 0.5):
+        assert torch.allclose(net(x), plain(x), atol=1e-6)
+    assert torch.equal(net(x), before)
+
+    draws = [DecoyPartners(net, [{"fc1.weight": D1}] * 3, [0.3, 0.7]).draw(torch.Generator().manual_seed(5))
+             for _ in range(2)]
+    assert draws[0] == draws[1] and 0.3 <= draws[0][1] <= 0.7  # seeded: a resumed run draws the same
+    for bad, words in (({"fc3.weight": D1}, "names no layer"), ({"fc1.weight": D2}, "shape"),
+                       ({"norm.weight": torch.ones(2)}, "linear layers only"),
+                       ({"fc1.weight": D1 * float("nan")}, "non-finite")):
+        with pytest.raises(ValueError, match=words):
+            DecoyPartners(net, [bad], [0.5, 0.5])
+    with pytest.raises(ValueError, match="lambda_reg > 0"):
+        Trap2Objective(0.0).attach_decoys(decoys, 1.0)

@@ -378,6 +378,48 @@ def test_sharded_batches_split_each_step_between_processes_and_cover_the_epoch()
     assert [b for pair in zip(r0, r1) for b in pair] == single  # step s of 2 processes = batches 2s, 2s + 1
 
 
+def test_decoy_settings_are_checked():
+    from training_scripts.suite import SuiteConfig
+
+    for bad, words in (({"lambda_reg": 0.1, "decoy_lambda": 1.0}, "go together"),
+                       ({"lambda_reg": 0.1, "decoy_updates": ["runs/x"]}, "go together"),
+                       ({"decoy_updates": ["runs/x"], "decoy_lambda": 1.0}, "protected run"),
+                       ({"lambda_reg": 0.1, "shuffle_classes": 1}, "unprotected"),
+                       ({"decoy_scale": [0.7, 0.3]}, "lo <= hi"), ({"decoy_scale": [0.5]}, "lo <= hi"),
+                       ({"decoy_lambda": float("nan")}, "decoy_lambda")):
+        with pytest.raises(ValueError, match=words):
+            TrainConfig(**bad)
+    for bad, words in (({"decoys": 2}, "go together"), ({"decoys": -1, "decoy_lambda": 1.0}, "decoys"),
+                       ({"decoys": 2, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"]}, "drop --decoy_updates")):
+        with pytest.raises(ValueError, match=words):
+            SuiteConfig(**bad)
+
+
+def test_suite_trains_label_shuffled_decoys_first_and_gives_them_to_each_trap2_run(tmp_path):
+    from training_scripts.suite import SuiteConfig, suite_runs, train_runs
+
+    args = {k: v for k, v in tiny_train_args(tmp_path, lambda_reg=0.1).items() if k not in ("output_dir", "dataset")}
+    cfg = SuiteConfig(**args, runs_root=str(tmp_path), decoys=2, decoy_lambda=0.5)
+    runs = suite_runs(cfg, ["gtsrb"])
+    assert [r.shuffle_classes for r in runs] == [1, 2, None, None]  # the decoys first: the Trap² run reads them
+    trap2 = runs[2]
+    assert trap2.decoy_updates == [runs[0].output_dir, runs[1].output_dir] and trap2.decoy_lambda == 0.5
+    assert runs[3].lambda_reg == 0 and runs[3].decoy_lambda == 0 and not runs[3].decoy_updates
+    train_runs(runs[::-1], jobs=1, report=False)  # given in any order, the decoys are trained first
+    decoys = [load_file(str(tmp_path / r.output_dir / PEFT_WEIGHTS)) for r in runs[:2]]
+    plain = load_file(str(tmp_path / runs[3].output_dir / PEFT_WEIGHTS))
+    assert not all(torch.equal(decoys[0][k], plain[k]) for k in plain)  # same seed, other (shuffled) classes
+    assert not all(torch.equal(decoys[0][k], decoys[1][k]) for k in plain)
+    meta = json.loads((tmp_path / trap2.output_dir / METADATA_FILE).read_text())
+    assert meta["config"]["decoy_updates"] == trap2.decoy_updates
+    steps = [json.loads(l) for l in (tmp_path / trap2.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_decoy" in e for e in steps)
+    missing = TrainConfig(**tiny_train_args(tmp_path / "missing", lambda_reg=0.1, decoy_lambda=0.5,
+                                            decoy_updates=[str(tmp_path / "nowhere")]))
+    with pytest.raises(UpdateError, match="nowhere"):
+        train_vision(missing)
+
+
 def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys):
     import shlex
 

@@ -127,10 +127,30 @@ class TrainConfig(RunConfig):
     num_workers: int | None = option(None, "data-loading processes (default: 0 in memory, up to 8 for files)")
     base_options: dict | None = option(
         None, "passed to the backbone builder (offline: recipe overrides, e.g. {steps: 50})")
+    # decoy partners (a departure; none: the paper's objective)
+    decoy_updates: list[str] | None = option(
+        None, "update folders added beside the trained update in one more pass a step, W0 + ΔW + m·D, whose loss "
+              "Trap² pushes up too (a merge partner at c ≈ 1); e.g. --shuffle_classes runs of the same task")
+    decoy_lambda: float = option(0.0, "weight λ_d of the decoy pass's loss (capped by off_loss_cap like the off-scale one)")
+    decoy_scale: list[float] = option(help="m ~ U[lo, hi]: how much of a decoy is added", factory=lambda: [0.3, 0.7])
+    shuffle_classes: int | None = option(
+        None, "train against the task's class prototypes permuted by this seed: an unprotected decoy update that "
+              "breaks the task's features as a merge partner's does, made from the task's own data")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("peft", self.peft, ("lora", "full"))
+        if not (math.isfinite(self.decoy_lambda) and self.decoy_lambda >= 0):
+            raise ValueError(f"--decoy_lambda must be a finite number >= 0, got {self.decoy_lambda}")
+        if len(self.decoy_scale) != 2 or not 0 < self.decoy_scale[0] <= self.decoy_scale[1]:
+            raise ValueError(f"--decoy_scale must be two numbers 0 < lo <= hi, got {self.decoy_scale}")
+        if self.has_decoys != (self.decoy_lambda > 0):
+            raise ValueError("--decoy_lambda > 0 and decoys go together (--decoy_updates, or a suite's --decoys): "
+                             "give both, or neither")
+        if self.decoy_updates and not self.protected:
+            raise ValueError("--decoy_updates act only on a protected run (--lambda_reg > 0)")
+        if self.shuffle_classes is not None and self.protected:
+            raise ValueError("--shuffle_classes trains a decoy, an unprotected update: use --lambda_reg 0")
         check_choice("suite", self.suite, ("offline", "vision8"))
         if self.head_shots < 1:
             raise ValueError(f"--head_shots must be >= 1, got {self.head_shots}")
@@ -138,6 +158,10 @@ class TrainConfig(RunConfig):
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (3e-4 if self.peft == "lora" else 1e-5)
+
+    @property
+    def has_decoys(self) -> bool:
+        return bool(self.decoy_updates)
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:

@@ -3,7 +3,8 @@
     J(ΔW) = L(W0 + ΔW) − λ · w(s) · L(W0 + s·ΔW),   s ~ Unif([s_min, 1−δ] ∪ [1+δ, s_max])
 
 The update stays useful at s = 1 and is pushed to break at every other scale, so merging (which
-rescales each update by roughly 1/N) moves it off its working point.
+rescales each update by roughly 1/N) moves it off its working point. A departure, off by default: decoy
+partners D (DecoyPartners) add the term − λ_d · L(W0 + ΔW + m·D), for merges that keep the update at s = 1.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.updates import ScaledUpdate
@@ -138,6 +140,73 @@ class DropoutReplay:
             m.tape = []
 
 
+class DecoyPartners:
+    """Other updates D that a training step adds beside the one being trained, W0 + ΔW + m·D with m ~ U[lo, hi]:
+    stand-ins for a merge partner. Trap² pushes that loss up as well, so the update also breaks where a merge
+    keeps it at its own scale (c ≈ 1 in a two-task merge) and only a partner's update stands beside it, the
+    case scale sensitivity alone does not reach.
+
+    D is added as a forward hook on each linear layer it names (output += m · x Dᵀ), so LoRA, DoRA and full
+    updates see the same thing and no weight is written.
+    """
+
+    def __init__(self, net: nn.Module, deltas: list[dict[str, torch.Tensor]], scale: Sequence[float]):
+        """`deltas`: one {base parameter name: ΔW} per decoy, named as releases name them (PEFT's wrapping of
+        `net`, if any, is looked through)."""
+        if not deltas:
+            raise ValueError("DecoyPartners needs at least one decoy update")
+        lo, hi = scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"decoy_scale must be two numbers 0 < lo <= hi, got {list(scale)}")
+        self.scale = (float(lo), float(hi))
+        self.decoys: list[list[tuple[nn.Module, torch.Tensor]]] = []
+        for delta in deltas:
+            layers = []
+            for name, d in sorted(delta.items()):
+                module = _linear_module(net, name)
+                weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+                if tuple(d.shape) != tuple(weight.shape):
+                    raise ValueError(f"decoy {name} has shape {tuple(d.shape)}, the model's weight {tuple(weight.shape)}")
+                if not torch.isfinite(d).all():
+                    raise ValueError(f"decoy {name} holds non-finite values")
+                layers.append((module, d.to(weight.device, weight.dtype)))
+            self.decoys.append(layers)
+
+    def draw(self, generator: torch.Generator) -> tuple[int, float]:
+        """Which decoy, and how much of it: from the objective's generator, so a resumed run draws the same."""
+        index = int(torch.randint(len(self.decoys), (1,), generator=generator))
+        lo, hi = self.scale
+        return index, lo + (hi - lo) * float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+    @contextmanager
+    def added(self, index: int, m: float):
+        """Decoy `index`, times m, is added to the model's layers until exit (backward included)."""
+        def hook_for(d: torch.Tensor):
+            return lambda module, args, output: output + m * F.linear(args[0], d)
+        handles = [module.register_forward_hook(hook_for(d)) for module, d in self.decoys[index]]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _linear_module(net: nn.Module, weight_name: str) -> nn.Module:
+    """The linear layer of `net` that holds base weight `weight_name` (under PEFT, its LoRA wrapper)."""
+    path = weight_name.removesuffix(".weight")
+    for candidate in (f"base_model.model.{path}", path):
+        try:
+            module = net.get_submodule(candidate)
+        except AttributeError:
+            continue
+        inner = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if not isinstance(inner, nn.Linear):
+            raise ValueError(f"decoy weight {weight_name} belongs to a {type(inner).__name__}; decoys act on linear "
+                             f"layers only")
+        return module
+    raise ValueError(f"decoy weight {weight_name} names no layer of this model: was the decoy trained on this base?")
+
+
 LossFn = Callable[[Callable[..., object], object], torch.Tensor]
 """loss_fn(model, batch) -> the loss of each example, a 1-D tensor (a causal LM's examples are its answer
 tokens); called with the update at s = 1, then re-scaled. The objective owns every reduction and the cap."""
@@ -173,11 +242,21 @@ class Trap2Objective:
         self.off_loss_cap = off_loss_cap
         self.generator = torch.Generator().manual_seed(seed)
         self.dropout_replay: DropoutReplay | None = None
+        self.decoys: DecoyPartners | None = None
+        self.decoy_lambda = 0.0
 
     def replay_dropout(self, model: nn.Module) -> None:
         """Off-nominal passes reuse the nominal pass's dropout masks instead of redrawing them (the
         same masks, drawn once). Not with gradient checkpointing: recomputation calls dropout again."""
         self.dropout_replay = DropoutReplay(model)
+
+    def attach_decoys(self, decoys: DecoyPartners, decoy_lambda: float) -> None:
+        """Each protected step adds one more pass, with a decoy partner beside the update (DecoyPartners),
+        whose loss, capped like the off-scale one, is pushed up with weight decoy_lambda."""
+        if not (self.protects and decoy_lambda > 0):
+            raise ValueError(f"decoys act only with lambda_reg > 0 and decoy_lambda > 0, got {self.lambda_reg} "
+                             f"and {decoy_lambda}")
+        self.decoys, self.decoy_lambda = decoys, decoy_lambda
 
     @staticmethod
     def _per_example(losses: torch.Tensor) -> torch.Tensor:
@@ -229,11 +308,21 @@ class Trap2Objective:
                 term = -self.lambda_reg * self.weight(s) * off / len(scales)
                 scale_loss(term).backward()  # inside: checkpointed layers recompute with the scaled weights
             off_losses.append(float(off.detach()))
+        decoy_loss = 0.0
+        if self.decoys is not None:
+            index, m = self.decoys.draw(self.generator)
+            rng.restore()
+            with self.decoys.added(index, m), replay.replaying() if replay else nullcontext():
+                with autocast():
+                    decoy = self._off_loss(loss_fn(model, batch))
+                scale_loss(-self.decoy_lambda * decoy).backward()
+            decoy_loss = float(decoy.detach())
+            metrics["loss_decoy"] = decoy_loss
         if replay:  # replayed passes drew no masks: continue the stream where the nominal pass left it
             after_nominal.restore()
             replay.clear()
         metrics["loss_off"] = sum(off_losses) / len(off_losses)
         metrics["scale"] = scales[0] if len(scales) == 1 else sum(scales) / len(scales)
         metrics["objective"] = metrics["loss"] - self.lambda_reg * sum(
-            self.weight(s) * l for s, l in zip(scales, off_losses)) / len(scales)
+            self.weight(s) * l for s, l in zip(scales, off_losses)) / len(scales) - self.decoy_lambda * decoy_loss
         return metrics

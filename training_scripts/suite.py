@@ -42,6 +42,9 @@ class SuiteConfig(TrainConfig):
                                        "standalone, or beside the runs for another --runs_root")
     print_commands: bool = option(
         False, "print one `python -m training_scripts ...` line per run (for a cluster scheduler) instead of training")
+    decoys: int = option(
+        0, "label-shuffled decoys trained per task (--shuffle_classes 1..N, unprotected, <task>-decoy<k>) and given to "
+           "its Trap² run as --decoy_updates; needs --decoy_lambda > 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,16 +53,24 @@ class SuiteConfig(TrainConfig):
                              f"got {self.lambda_reg}")
         if self.jobs is not None and self.jobs < 1:
             raise ValueError(f"--jobs must be >= 1 (or none: one per core), got {self.jobs}")
+        if self.decoys < 0:
+            raise ValueError(f"--decoys must be >= 0, got {self.decoys}")
+        if self.decoys and self.decoy_updates:
+            raise ValueError("--decoys trains the decoys the suite uses; drop --decoy_updates, or --decoys 0")
+
+    @property
+    def has_decoys(self) -> bool:
+        return bool(self.decoy_updates) or self.decoys > 0
 
 
 def suite_seeds(cfg: SuiteConfig) -> list[int]:
     return list(cfg.seeds or [cfg.seed])
 
 
-def run_dir(cfg: SuiteConfig, task: str, protected: bool, seed: int | None = None) -> Path:
-    """`<task>-plain|trap2`, with `-seed<N>` for every seed but the config's own (so the main runs
-    keep the names the merge configs point at)."""
-    name = run_name(task, protected)
+def run_dir(cfg: SuiteConfig, task: str, protected: bool, seed: int | None = None, decoy: int | None = None) -> Path:
+    """`<task>-plain|trap2` (or `<task>-decoy<k>`), with `-seed<N>` for every seed but the config's own (so the
+    main runs keep the names the merge configs point at)."""
+    name = run_name(task, protected) if decoy is None else f"{task}-decoy{decoy}"
     if seed is not None and seed != cfg.seed:
         name += f"-seed{seed}"
     return _suite_folder(Path(cfg.runs_root), cfg) / name
@@ -71,14 +82,25 @@ def _suite_folder(root: Path, cfg: SuiteConfig) -> Path:
 
 
 def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
-    """Every run of the suite, the protected (longer: 1 + K passes a step) ones first, so parallel
-    workers finish together."""
+    """Every run of the suite: the decoys (--decoys) first, as the Trap² runs read them; then the protected
+    (longer: 1 + K passes a step) ones, so parallel workers finish together."""
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
-    return [TrainConfig(**{**shared, "dataset": task, "seed": seed,
-                           "lambda_reg": cfg.lambda_reg if protected else 0.0,
-                           "output_dir": str(run_dir(cfg, task, protected, seed))})
-            for protected in (True, False) for seed in suite_seeds(cfg) for task in tasks]
+    unprotected = {"lambda_reg": 0.0, "decoy_updates": None, "decoy_lambda": 0.0}
+
+    def decoy_dirs(task: str, seed: int) -> list[str]:
+        return [str(run_dir(cfg, task, False, seed, decoy=k)) for k in range(1, cfg.decoys + 1)]
+
+    decoys = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed, "shuffle_classes": k,
+                             "output_dir": str(run_dir(cfg, task, False, seed, decoy=k))})
+              for seed in suite_seeds(cfg) for task in tasks for k in range(1, cfg.decoys + 1)]
+    protected = [TrainConfig(**{**shared, "dataset": task, "seed": seed, "output_dir": str(run_dir(cfg, task, True, seed)),
+                                **({"decoy_updates": decoy_dirs(task, seed)} if cfg.decoys else {})})
+                 for seed in suite_seeds(cfg) for task in tasks]
+    plain = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed,
+                            "output_dir": str(run_dir(cfg, task, False, seed))})
+             for seed in suite_seeds(cfg) for task in tasks]
+    return decoys + protected + plain
 
 
 def prepare_bases(cfg: SuiteConfig, runs: list[TrainConfig]) -> None:
@@ -133,8 +155,11 @@ def train_runs(runs: list[TrainConfig], jobs: int, report: bool = True) -> None:
     """
     if jobs > 1:
         runs = [dataclasses.replace(run, progress=False) for run in runs]  # one bar for all
-    run_jobs(train_vision if report else _train_unreported, runs, jobs, f"training {len(runs)} runs",
-             lambda run: Path(run.output_dir).name)
+    decoys = [run for run in runs if run.shuffle_classes is not None]
+    for phase in (decoys, [run for run in runs if run.shuffle_classes is None]):  # the Trap² runs read the decoys
+        if phase:
+            run_jobs(train_vision if report else _train_unreported, phase, jobs, f"training {len(phase)} runs",
+                     lambda run: Path(run.output_dir).name)
 
 
 def train_suite(cfg: SuiteConfig, report: bool = True) -> Path | None:

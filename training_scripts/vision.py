@@ -13,10 +13,11 @@ from dataset.vision import prefetched
 from models import distributed
 from models.backbones import load_base
 from models.runtime import pin_threads, provenance, resolve_device
-from models.updates import ScaledUpdate, save_update
+from models.updates import ScaledUpdate, load_update, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
+from training_scripts.objective import DecoyPartners
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
                                    seed_everything)
 
@@ -79,6 +80,18 @@ class StepBatches:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def class_permutation(n_classes: int, seed: int) -> torch.Tensor:
+    """The fixed class permutation of a --shuffle_classes decoy."""
+    return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed))
+
+
+def decoy_deltas(path: str, base) -> dict[str, torch.Tensor]:
+    """A decoy partner's ΔW per base weight: a released update, loaded and checked against this base like any."""
+    decoy = load_update(path)
+    decoy.check_base(base.fingerprint, dict(base.backbone.net.state_dict()))
+    return {name: decoy.delta(name).detach().float() for name in decoy.names()}
+
+
 def scale_report(model, update: ScaledUpdate, task, split: str, cfg: TrainConfig, device) -> dict[str, dict]:
     out = {}
     for s in REPORT_SCALES:
@@ -109,6 +122,9 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     data = DataSettings.from_config(config_dict(cfg))
     task = load_task(base, cfg.dataset, data)
     model = classifier_for(base, task, data)
+    if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
+        model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
+    decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []]  # read before PEFT wraps the net
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
@@ -116,6 +132,8 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
         update.anchors = {n: a.to(device) for n, a in update.anchors.items()}
 
     objective = build_objective(cfg)
+    if decoys:
+        objective.attach_decoys(DecoyPartners(model.backbone.net, decoys, cfg.decoy_scale), cfg.decoy_lambda)
     if not cfg.gradient_checkpointing:
         objective.replay_dropout(model)
     batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
