@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.options import check_choice, option, parse_config
+from training_scripts.objective import check_decoy_scale
 from training_scripts.reporting import REPORTERS
 
 
@@ -142,8 +143,7 @@ class TrainConfig(RunConfig):
         check_choice("peft", self.peft, ("lora", "full"))
         if not (math.isfinite(self.decoy_lambda) and self.decoy_lambda >= 0):
             raise ValueError(f"--decoy_lambda must be a finite number >= 0, got {self.decoy_lambda}")
-        if len(self.decoy_scale) != 2 or not 0 < self.decoy_scale[0] <= self.decoy_scale[1]:
-            raise ValueError(f"--decoy_scale must be two numbers 0 < lo <= hi, got {self.decoy_scale}")
+        check_decoy_scale(self.decoy_scale)
         if self.has_decoys != (self.decoy_lambda > 0):
             raise ValueError("--decoy_lambda > 0 and decoys go together (--decoy_updates, or a suite's --decoys): "
                              "give both, or neither")

@@ -155,10 +155,8 @@ class DecoyPartners:
         `net`, if any, is looked through)."""
         if not deltas:
             raise ValueError("DecoyPartners needs at least one decoy update")
-        lo, hi = scale
-        if not 0 < lo <= hi:
-            raise ValueError(f"decoy_scale must be two numbers 0 < lo <= hi, got {list(scale)}")
-        self.scale = (float(lo), float(hi))
+        check_decoy_scale(scale)
+        self.scale = (float(scale[0]), float(scale[1]))
         self.decoys: list[list[tuple[nn.Module, torch.Tensor]]] = []
         for delta in deltas:
             layers = []
@@ -189,6 +187,12 @@ class DecoyPartners:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def check_decoy_scale(scale: Sequence[float]) -> None:
+    """The one check of a decoy range [lo, hi] (the config's, at parse time, and DecoyPartners')."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"--decoy_scale must be two numbers 0 < lo <= hi, got {list(scale)}")
 
 
 def _linear_module(net: nn.Module, weight_name: str) -> nn.Module:

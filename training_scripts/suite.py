@@ -92,8 +92,8 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
         return [str(run_dir(cfg, task, False, seed, decoy=k)) for k in range(1, cfg.decoys + 1)]
 
     decoys = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed, "shuffle_classes": k,
-                             "output_dir": str(run_dir(cfg, task, False, seed, decoy=k))})
-              for seed in suite_seeds(cfg) for task in tasks for k in range(1, cfg.decoys + 1)]
+                             "output_dir": folder})
+              for seed in suite_seeds(cfg) for task in tasks for k, folder in enumerate(decoy_dirs(task, seed), 1)]
     protected = [TrainConfig(**{**shared, "dataset": task, "seed": seed, "output_dir": str(run_dir(cfg, task, True, seed)),
                                 **({"decoy_updates": decoy_dirs(task, seed)} if cfg.decoys else {})})
                  for seed in suite_seeds(cfg) for task in tasks]
