@@ -14,6 +14,7 @@ from dataset.math import load_math_task
 from models.backbones import BACKBONES, Base, load_base
 from models.causal_lm import LM_RECIPES, QUANTIZATIONS, accuracy, load_causal_lm, offline_lm_is_built
 from models.classifier import ZeroShotClassifier
+from models.layer_inputs import layer_input_grams
 from models.updates import ReleasedUpdate, UpdateError, base_request, refuse_unbuilt_base
 from models.pretrain import RECIPES, offline_base_is_built
 from models.vision import DataSettings, evaluate, load_task, task_head
@@ -52,31 +53,10 @@ class Evaluator:
         raise NotImplementedError(f"{type(self).__name__} has no unlabelled inputs for data-dependent merging "
                                   f"(RegMean, Chain of Merges); use a vision suite")
 
-    @torch.no_grad()
     def input_grams(self, names: list[str], task: str, n_examples: int) -> dict[str, torch.Tensor]:
         """XᵀX / rows (float64) of the inputs X of every linear layer whose weight is in `names`, over the
         first n training examples of `task` (every token a row), with the weights as they are now."""
-        modules = dict(self.net.named_modules())
-        sums: dict[str, list] = {}
-        hooks = []
-
-        def hook_for(name: str):
-            def hook(module, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                acc = sums.setdefault(name, [0.0, 0])
-                acc[0], acc[1] = acc[0] + x.T @ x, acc[1] + x.shape[0]
-            return hook
-
-        for name in names:
-            module = modules.get(name.rsplit(".", 1)[0])
-            if name.endswith(".weight") and isinstance(module, torch.nn.Linear):
-                hooks.append(module.register_forward_pre_hook(hook_for(name)))
-        try:
-            self.feed(task, n_examples)
-        finally:
-            for h in hooks:
-                h.remove()
-        return {name: (total / rows).cpu() for name, (total, rows) in sums.items()}
+        return layer_input_grams(self.net, names, lambda: self.feed(task, n_examples))
 
 
 @dataclass

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models.updates import ScaledUpdate
-from training_scripts.objective import SCALE_WEIGHTS, DecoyPartners, ScaleSampler, Trap2Objective
+from training_scripts.objective import SCALE_WEIGHTS, DecoyPartners, RandomDecoys, ScaleSampler, Trap2Objective
 
 
 def mse_loss(forward, batch):
@@ -296,13 +296,14 @@ def test_decoys_are_added_beside_a_peft_adapter_exactly_and_drawn_from_the_objec
             lora = net.base_model.model.get_submodule(layer)
             delta = lora.scaling["default"] * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
             plain.get_submodule(layer).weight.add_(delta + 0.5 * (D1 if layer == "fc1" else D2))
-    with decoys.added(0, 0.5):
+    with decoys.added(decoys.decoys[0], 0.5):
         assert torch.allclose(net(x), plain(x), atol=1e-6)
     assert torch.equal(net(x), before)
 
-    draws = [DecoyPartners(net, [{"fc1.weight": D1}] * 3, [0.3, 0.7]).draw(torch.Generator().manual_seed(5))
-             for _ in range(2)]
-    assert draws[0] == draws[1] and 0.3 <= draws[0][1] <= 0.7  # seeded: a resumed run draws the same
+    three = DecoyPartners(net, [{"fc1.weight": D1 * k} for k in (1, 2, 3)], [0.3, 0.7])
+    draws = [three.draw(torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(draws[0][0][0][1], draws[1][0][0][1]) and draws[0][1] == draws[1][1]  # a resumed run draws the same
+    assert 0.3 <= draws[0][1] <= 0.7
     for bad, words in (({"fc3.weight": D1}, "names no layer"), ({"fc1.weight": D2}, "shape"),
                        ({"norm.weight": torch.ones(2)}, "linear layers only"),
                        ({"fc1.weight": D1 * float("nan")}, "non-finite")):
@@ -310,3 +311,30 @@ def test_decoys_are_added_beside_a_peft_adapter_exactly_and_drawn_from_the_objec
             DecoyPartners(net, [bad], [0.5, 0.5])
     with pytest.raises(ValueError, match="lambda_reg > 0"):
         Trap2Objective(0.0).attach_decoys(decoys, 1.0)
+
+
+def test_random_decoys_read_the_strongest_input_directions_at_the_reference_norm_fresh_each_draw():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 4))
+    # layer 0's inputs are strongest along axes 3 and 1; layer 2's along a rotated pair
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+    grams = {"0.weight": torch.diag(torch.tensor([0.1, 5.0, 0.2, 9.0, 0.3], dtype=torch.float64)),
+             "2.weight": q @ torch.diag(torch.tensor([4.0, 0.01, 2.0], dtype=torch.float64)) @ q.T}
+    norms = {"0.weight": 2.5, "2.weight": 0.7}
+    decoys = RandomDecoys(net, grams, norms, [0.4, 0.8], directions=2)
+    first, m = decoys.draw(torch.Generator().manual_seed(3))
+    again, m_again = decoys.draw(torch.Generator().manual_seed(3))
+    second, _ = decoys.draw(torch.Generator().manual_seed(4))
+    assert 0.4 <= m <= 0.8 and m == m_again
+    for (module, d), (_, d_again), (_, d_other), name in zip(first, again, second, ("0.weight", "2.weight")):
+        assert module is net[int(name[0])] and d.shape == module.weight.shape
+        assert torch.equal(d, d_again) and not torch.allclose(d, d_other)  # seeded, and fresh per draw
+        assert float(d.norm()) == pytest.approx(norms[name], rel=1e-6)
+    assert torch.all(first[0][1][:, [0, 2, 4]] == 0)  # layer 0: only the two strongest input axes are read
+    strong = q[:, [0, 2]].float()
+    assert torch.allclose(first[1][1] - first[1][1] @ strong @ strong.T, torch.zeros(4, 3), atol=1e-6)
+    for bad_grams, bad_norms, words in (({"0.weight": grams["0.weight"]}, norms, "same layers"),
+                                        (grams, {**norms, "2.weight": -1.0}, "finite and >= 0"),
+                                        (grams, {**norms, "2.weight": float("inf")}, "finite and >= 0")):
+        with pytest.raises(ValueError, match=words):
+            RandomDecoys(net, bad_grams, bad_norms, [0.4, 0.8], directions=2)

@@ -386,11 +386,17 @@ def test_decoy_settings_are_checked():
                        ({"decoy_updates": ["runs/x"], "decoy_lambda": 1.0}, "protected run"),
                        ({"lambda_reg": 0.1, "shuffle_classes": 1}, "unprotected"),
                        ({"decoy_scale": [0.7, 0.3]}, "lo <= hi"), ({"decoy_scale": [0.5]}, "lo <= hi"),
-                       ({"decoy_lambda": float("nan")}, "decoy_lambda")):
+                       ({"decoy_lambda": float("nan")}, "decoy_lambda"),
+                       ({"lambda_reg": 0.1, "random_decoys_like": "runs/x"}, "go together"),
+                       ({"random_decoys_like": "runs/x", "decoy_lambda": 1.0}, "protected run"),
+                       ({"lambda_reg": 0.1, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"],
+                         "random_decoys_like": "runs/y"}, "give one")):
         with pytest.raises(ValueError, match=words):
             TrainConfig(**bad)
     for bad, words in (({"decoys": 2}, "go together"), ({"decoys": -1, "decoy_lambda": 1.0}, "decoys"),
-                       ({"decoys": 2, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"]}, "drop --decoy_updates")):
+                       ({"decoys": 2, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"]}, "drop --decoy_updates"),
+                       ({"random_decoys": True}, "go together"),
+                       ({"random_decoys": True, "decoy_lambda": 1.0, "decoys": 2}, "one kind of decoy")):
         with pytest.raises(ValueError, match=words):
             SuiteConfig(**bad)
 
@@ -416,6 +422,25 @@ def test_suite_trains_label_shuffled_decoys_first_and_gives_them_to_each_trap2_r
     assert any("loss_decoy" in e for e in steps)
     missing = TrainConfig(**tiny_train_args(tmp_path / "missing", lambda_reg=0.1, decoy_lambda=0.5,
                                             decoy_updates=[str(tmp_path / "nowhere")]))
+    with pytest.raises(UpdateError, match="nowhere"):
+        train_vision(missing)
+
+
+def test_suite_trains_each_unprotected_run_before_the_trap2_run_whose_random_decoys_it_sizes(tmp_path):
+    from training_scripts.suite import SuiteConfig, suite_runs, train_runs
+
+    args = {k: v for k, v in tiny_train_args(tmp_path, lambda_reg=0.1).items() if k not in ("output_dir", "dataset")}
+    cfg = SuiteConfig(**args, runs_root=str(tmp_path), random_decoys=True, decoy_lambda=0.5)
+    trap2, plain = suite_runs(cfg, ["gtsrb"])
+    assert trap2.random_decoys_like == plain.output_dir and trap2.decoy_lambda == 0.5 and not trap2.decoy_updates
+    assert plain.lambda_reg == 0 and plain.random_decoys_like is None and plain.decoy_lambda == 0
+    train_runs([trap2, plain], jobs=1, report=False)  # the Trap² run first in the list: the plain one still trains first
+    meta = json.loads((tmp_path / trap2.output_dir / METADATA_FILE).read_text())
+    assert meta["config"]["random_decoys_like"] == plain.output_dir
+    steps = [json.loads(l) for l in (tmp_path / trap2.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_decoy" in e for e in steps)
+    missing = TrainConfig(**tiny_train_args(tmp_path / "missing", lambda_reg=0.1, decoy_lambda=0.5,
+                                            random_decoys_like=str(tmp_path / "nowhere")))
     with pytest.raises(UpdateError, match="nowhere"):
         train_vision(missing)
 

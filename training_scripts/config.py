@@ -132,6 +132,10 @@ class TrainConfig(RunConfig):
     decoy_updates: list[str] | None = option(
         None, "update folders added beside the trained update in one more pass a step, W0 + ΔW + m·D, whose loss "
               "Trap² pushes up too (a merge partner at c ≈ 1); e.g. --shuffle_classes runs of the same task")
+    random_decoys_like: str | None = option(
+        None, "decoys drawn afresh each step instead: per layer a random update reading the layer's 16 strongest input "
+              "directions (this task's training images, at the base), as large as that layer's update in this folder "
+              "(the task's own unprotected run)")
     decoy_lambda: float = option(0.0, "weight λ_d of the decoy pass's loss (capped by off_loss_cap like the off-scale one)")
     decoy_scale: list[float] = option(help="m ~ U[lo, hi]: how much of a decoy is added", factory=lambda: [0.3, 0.7])
     shuffle_classes: int | None = option(
@@ -145,10 +149,13 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--decoy_lambda must be a finite number >= 0, got {self.decoy_lambda}")
         check_decoy_scale(self.decoy_scale)
         if self.has_decoys != (self.decoy_lambda > 0):
-            raise ValueError("--decoy_lambda > 0 and decoys go together (--decoy_updates, or a suite's --decoys): "
+            raise ValueError("--decoy_lambda > 0 and decoys go together (--decoy_updates, --random_decoys_like, or a "
+                             "suite's --decoys / --random_decoys): "
                              "give both, or neither")
-        if self.decoy_updates and not self.protected:
-            raise ValueError("--decoy_updates act only on a protected run (--lambda_reg > 0)")
+        if self.decoy_updates and self.random_decoys_like:
+            raise ValueError("--decoy_updates and --random_decoys_like are two kinds of decoy: give one")
+        if self.has_decoys and not self.protected:
+            raise ValueError("decoys (--decoy_updates, --random_decoys_like) act only on a protected run (--lambda_reg > 0)")
         if self.shuffle_classes is not None and self.protected:
             raise ValueError("--shuffle_classes trains a decoy, an unprotected update: use --lambda_reg 0")
         check_choice("suite", self.suite, ("offline", "vision8"))
@@ -161,7 +168,12 @@ class TrainConfig(RunConfig):
 
     @property
     def has_decoys(self) -> bool:
-        return bool(self.decoy_updates)
+        return bool(self.decoy_sources)
+
+    @property
+    def decoy_sources(self) -> list[str]:
+        """The run folders this run reads decoys from (so they train first)."""
+        return list(self.decoy_updates or []) + ([self.random_decoys_like] if self.random_decoys_like else [])
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:

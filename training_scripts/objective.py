@@ -4,7 +4,7 @@
 
 The update stays useful at s = 1 and is pushed to break at every other scale, so merging (which
 rescales each update by roughly 1/N) moves it off its working point. A departure, off by default: decoy
-partners D (DecoyPartners) add the term − λ_d · L(W0 + ΔW + m·D), for merges that keep the update at s = 1.
+partners D (Decoys: released updates or random ones) add the term − λ_d · L(W0 + ΔW + m·D), for merges that keep the update at s = 1.
 """
 from __future__ import annotations
 
@@ -140,48 +140,36 @@ class DropoutReplay:
             m.tape = []
 
 
-class DecoyPartners:
+class Decoys:
     """Other updates D that a training step adds beside the one being trained, W0 + ΔW + m·D with m ~ U[lo, hi]:
     stand-ins for a merge partner. Trap² pushes that loss up as well, so the update also breaks where a merge
     keeps it at its own scale (c ≈ 1 in a two-task merge) and only a partner's update stands beside it, the
     case scale sensitivity alone does not reach.
 
     D is added as a forward hook on each linear layer it names (output += m · x Dᵀ), so LoRA, DoRA and full
-    updates see the same thing and no weight is written.
+    updates see the same thing and no weight is written. Subclasses say where D comes from (`draw`).
     """
 
-    def __init__(self, net: nn.Module, deltas: list[dict[str, torch.Tensor]], scale: Sequence[float]):
-        """`deltas`: one {base parameter name: ΔW} per decoy, named as releases name them (PEFT's wrapping of
-        `net`, if any, is looked through)."""
-        if not deltas:
-            raise ValueError("DecoyPartners needs at least one decoy update")
+    def __init__(self, scale: Sequence[float]):
         check_decoy_scale(scale)
         self.scale = (float(scale[0]), float(scale[1]))
-        self.decoys: list[list[tuple[nn.Module, torch.Tensor]]] = []
-        for delta in deltas:
-            layers = []
-            for name, d in sorted(delta.items()):
-                module = _linear_module(net, name)
-                weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-                if tuple(d.shape) != tuple(weight.shape):
-                    raise ValueError(f"decoy {name} has shape {tuple(d.shape)}, the model's weight {tuple(weight.shape)}")
-                if not torch.isfinite(d).all():
-                    raise ValueError(f"decoy {name} holds non-finite values")
-                layers.append((module, d.to(weight.device, weight.dtype)))
-            self.decoys.append(layers)
 
-    def draw(self, generator: torch.Generator) -> tuple[int, float]:
-        """Which decoy, and how much of it: from the objective's generator, so a resumed run draws the same."""
-        index = int(torch.randint(len(self.decoys), (1,), generator=generator))
+    def draw(self, generator: torch.Generator) -> tuple[list[tuple[nn.Module, torch.Tensor]], float]:
+        """A decoy, as (layer, D) pairs, and how much of it, m: from the objective's generator, so a resumed run
+        draws the same."""
+        raise NotImplementedError
+
+    def _multiplier(self, generator: torch.Generator) -> float:
         lo, hi = self.scale
-        return index, lo + (hi - lo) * float(torch.rand(1, generator=generator, dtype=torch.float64))
+        return lo + (hi - lo) * float(torch.rand(1, generator=generator, dtype=torch.float64))
 
+    @staticmethod
     @contextmanager
-    def added(self, index: int, m: float):
-        """Decoy `index`, times m, is added to the model's layers until exit (backward included)."""
+    def added(decoy: list[tuple[nn.Module, torch.Tensor]], m: float):
+        """`decoy` (from `draw`), times m, is added to the model's layers until exit (backward included)."""
         def hook_for(d: torch.Tensor):
             return lambda module, args, output: output + m * F.linear(args[0], d)
-        handles = [module.register_forward_hook(hook_for(d)) for module, d in self.decoys[index]]
+        handles = [module.register_forward_hook(hook_for(d)) for module, d in decoy]
         try:
             yield
         finally:
@@ -189,14 +177,71 @@ class DecoyPartners:
                 handle.remove()
 
 
+class DecoyPartners(Decoys):
+    """Fixed decoys: released updates (another task's, or a --shuffle_classes run of this one), one drawn a step."""
+
+    def __init__(self, net: nn.Module, deltas: list[dict[str, torch.Tensor]], scale: Sequence[float]):
+        """`deltas`: one {base parameter name: ΔW} per decoy, named as releases name them (PEFT's wrapping of
+        `net`, if any, is looked through)."""
+        super().__init__(scale)
+        if not deltas:
+            raise ValueError("DecoyPartners needs at least one decoy update")
+        self.decoys: list[list[tuple[nn.Module, torch.Tensor]]] = []
+        for delta in deltas:
+            layers = []
+            for name, d in sorted(delta.items()):
+                module, weight = _linear_layer(net, name)
+                if tuple(d.shape) != tuple(weight.shape):
+                    raise ValueError(f"decoy {name} has shape {tuple(d.shape)}, the model's weight {tuple(weight.shape)}")
+                if not torch.isfinite(d).all():
+                    raise ValueError(f"decoy {name} holds non-finite values")
+                layers.append((module, d.to(weight.device, weight.dtype)))
+            self.decoys.append(layers)
+
+    def draw(self, generator: torch.Generator) -> tuple[list[tuple[nn.Module, torch.Tensor]], float]:
+        index = int(torch.randint(len(self.decoys), (1,), generator=generator))
+        return self.decoys[index], self._multiplier(generator)
+
+
+class RandomDecoys(Decoys):
+    """A fresh random decoy every step, made from the task alone: per layer D = G V_pᵀ, G ~ N(0, 1)^(out × p),
+    V_p the p strongest directions of the layer's inputs (on the task's training images, at the base), scaled
+    to ‖D‖_F = that layer's ‖ΔW‖_F in a reference update (the task's own unprotected one). Such a D rewrites
+    what the task's features read, as a partner's update does, where isotropic noise of that size does not;
+    drawn afresh, no fixed handful of decoys can be learnt around."""
+
+    def __init__(self, net: nn.Module, input_grams: dict[str, torch.Tensor], norms: dict[str, float],
+                 scale: Sequence[float], directions: int):
+        """`input_grams`: {base weight name: XᵀX of the layer's inputs}; `norms`: {base weight name: ‖ΔW‖_F}."""
+        super().__init__(scale)
+        if set(input_grams) != set(norms) or not norms:
+            raise ValueError(f"RandomDecoys needs an input Gram and a norm for the same layers, got "
+                             f"{sorted(input_grams)} and {sorted(norms)}")
+        self.layers: list[tuple[nn.Module, torch.Tensor, float, torch.Tensor]] = []  # module, V_p, norm, its weight
+        for name in sorted(norms):
+            module, weight = _linear_layer(net, name)
+            if not (math.isfinite(norms[name]) and norms[name] >= 0):
+                raise ValueError(f"decoy norm of {name} must be finite and >= 0, got {norms[name]}")
+            _, vectors = torch.linalg.eigh(input_grams[name].double())  # ascending eigenvalues
+            self.layers.append((module, vectors[:, -directions:].float(), float(norms[name]), weight))
+
+    def draw(self, generator: torch.Generator) -> tuple[list[tuple[nn.Module, torch.Tensor]], float]:
+        decoy = []
+        for module, basis, norm, weight in self.layers:
+            d = torch.randn(weight.shape[0], basis.shape[1], generator=generator) @ basis.T
+            decoy.append((module, (d * (norm / d.norm())).to(weight.device, weight.dtype)))
+        return decoy, self._multiplier(generator)
+
+
 def check_decoy_scale(scale: Sequence[float]) -> None:
-    """The one check of a decoy range [lo, hi] (the config's, at parse time, and DecoyPartners')."""
+    """The one check of a decoy range [lo, hi] (the config's, at parse time, and Decoys')."""
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
         raise ValueError(f"--decoy_scale must be two numbers 0 < lo <= hi, got {list(scale)}")
 
 
-def _linear_module(net: nn.Module, weight_name: str) -> nn.Module:
-    """The linear layer of `net` that holds base weight `weight_name` (under PEFT, its LoRA wrapper)."""
+def _linear_layer(net: nn.Module, weight_name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The linear layer of `net` that holds base weight `weight_name` (under PEFT, its LoRA wrapper), and that
+    weight."""
     path = weight_name.removesuffix(".weight")
     for candidate in (f"base_model.model.{path}", path):
         try:
@@ -207,7 +252,7 @@ def _linear_module(net: nn.Module, weight_name: str) -> nn.Module:
         if not isinstance(inner, nn.Linear):
             raise ValueError(f"decoy weight {weight_name} belongs to a {type(inner).__name__}; decoys act on linear "
                              f"layers only")
-        return module
+        return module, inner.weight
     raise ValueError(f"decoy weight {weight_name} names no layer of this model: was the decoy trained on this base?")
 
 
@@ -246,7 +291,7 @@ class Trap2Objective:
         self.off_loss_cap = off_loss_cap
         self.generator = torch.Generator().manual_seed(seed)
         self.dropout_replay: DropoutReplay | None = None
-        self.decoys: DecoyPartners | None = None
+        self.decoys: Decoys | None = None
         self.decoy_lambda = 0.0
 
     def replay_dropout(self, model: nn.Module) -> None:
@@ -254,8 +299,8 @@ class Trap2Objective:
         same masks, drawn once). Not with gradient checkpointing: recomputation calls dropout again."""
         self.dropout_replay = DropoutReplay(model)
 
-    def attach_decoys(self, decoys: DecoyPartners, decoy_lambda: float) -> None:
-        """Each protected step adds one more pass, with a decoy partner beside the update (DecoyPartners),
+    def attach_decoys(self, decoys: Decoys, decoy_lambda: float) -> None:
+        """Each protected step adds one more pass, with a decoy partner beside the update (Decoys),
         whose loss, capped like the off-scale one, is pushed up with weight decoy_lambda."""
         if not (self.protects and decoy_lambda > 0):
             raise ValueError(f"decoys act only with lambda_reg > 0 and decoy_lambda > 0, got {self.lambda_reg} "
@@ -314,9 +359,9 @@ class Trap2Objective:
             off_losses.append(float(off.detach()))
         decoy_loss = 0.0
         if self.decoys is not None:
-            index, m = self.decoys.draw(self.generator)
+            decoy_layers, m = self.decoys.draw(self.generator)
             rng.restore()
-            with self.decoys.added(index, m), replay.replaying() if replay else nullcontext():
+            with self.decoys.added(decoy_layers, m), replay.replaying() if replay else nullcontext():
                 with autocast():
                     decoy = self._off_loss(loss_fn(model, batch))
                 scale_loss(-self.decoy_lambda * decoy).backward()

@@ -41,10 +41,14 @@ class SuiteConfig(TrainConfig):
     results: str | None = option(None, "table path without extension; default: results/<suite>/<model>/<peft>/"
                                        "standalone, or beside the runs for another --runs_root")
     print_commands: bool = option(
-        False, "print one `python -m training_scripts ...` line per run (for a cluster scheduler) instead of training")
+        False, "print one `python -m training_scripts ...` line per run (for a cluster scheduler) instead of training, "
+               "in training order: the runs others read decoys from come first")
     decoys: int = option(
         0, "label-shuffled decoys trained per task (--shuffle_classes 1..N, unprotected, <task>-decoy<k>) and given to "
            "its Trap² run as --decoy_updates; needs --decoy_lambda > 0")
+    random_decoys: bool = option(
+        False, "each Trap² run draws random decoys as large as its task's unprotected run (--random_decoys_like), "
+               "which then trains first; needs --decoy_lambda > 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,10 +61,13 @@ class SuiteConfig(TrainConfig):
             raise ValueError(f"--decoys must be >= 0, got {self.decoys}")
         if self.decoys and self.decoy_updates:
             raise ValueError("--decoys trains the decoys the suite uses; drop --decoy_updates, or --decoys 0")
+        if self.random_decoys and (self.decoys or self.decoy_updates or self.random_decoys_like):
+            raise ValueError("--random_decoys is one kind of decoy: drop --decoys, --decoy_updates and "
+                             "--random_decoys_like")
 
     @property
     def has_decoys(self) -> bool:
-        return bool(self.decoy_updates) or self.decoys > 0
+        return bool(self.decoy_sources) or self.decoys > 0 or self.random_decoys
 
 
 def suite_seeds(cfg: SuiteConfig) -> list[int]:
@@ -86,7 +93,7 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
     (longer: 1 + K passes a step) ones, so parallel workers finish together."""
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
-    unprotected = {"lambda_reg": 0.0, "decoy_updates": None, "decoy_lambda": 0.0}
+    unprotected = {"lambda_reg": 0.0, "decoy_updates": None, "random_decoys_like": None, "decoy_lambda": 0.0}
 
     def decoy_dirs(task: str, seed: int) -> list[str]:
         return [str(run_dir(cfg, task, False, seed, decoy=k)) for k in range(1, cfg.decoys + 1)]
@@ -95,7 +102,8 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
                              "output_dir": folder})
               for seed in suite_seeds(cfg) for task in tasks for k, folder in enumerate(decoy_dirs(task, seed), 1)]
     protected = [TrainConfig(**{**shared, "dataset": task, "seed": seed, "output_dir": str(run_dir(cfg, task, True, seed)),
-                                **({"decoy_updates": decoy_dirs(task, seed)} if cfg.decoys else {})})
+                                **({"decoy_updates": decoy_dirs(task, seed)} if cfg.decoys else {}),
+                                **({"random_decoys_like": str(run_dir(cfg, task, False, seed))} if cfg.random_decoys else {})})
                  for seed in suite_seeds(cfg) for task in tasks]
     plain = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed,
                             "output_dir": str(run_dir(cfg, task, False, seed))})
@@ -146,6 +154,14 @@ def _train_unreported(run: TrainConfig) -> Path:
         return train_vision(run)
 
 
+def training_phases(runs: list[TrainConfig]) -> tuple[list[TrainConfig], list[TrainConfig]]:
+    """The runs other runs read decoys from (shuffled decoys; unprotected runs that size random decoys), then
+    the rest."""
+    read = {str(Path(folder)) for run in runs for folder in run.decoy_sources}
+    return ([run for run in runs if str(Path(run.output_dir)) in read],
+            [run for run in runs if str(Path(run.output_dir)) not in read])
+
+
 def train_runs(runs: list[TrainConfig], jobs: int, report: bool = True) -> None:
     """Trains the runs, `jobs` at a time in worker processes (in this process when jobs = 1); `report`:
     print each run's summary (false when choosing on validation: it holds test accuracies).
@@ -155,8 +171,7 @@ def train_runs(runs: list[TrainConfig], jobs: int, report: bool = True) -> None:
     """
     if jobs > 1:
         runs = [dataclasses.replace(run, progress=False) for run in runs]  # one bar for all
-    decoys = [run for run in runs if run.shuffle_classes is not None]
-    for phase in (decoys, [run for run in runs if run.shuffle_classes is None]):  # the Trap² runs read the decoys
+    for phase in training_phases(runs):
         if phase:
             run_jobs(train_vision if report else _train_unreported, phase, jobs, f"training {len(phase)} runs",
                      lambda run: Path(run.output_dir).name)
@@ -293,7 +308,8 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
 def main(argv=None) -> None:
     cfg = parse_config(SuiteConfig, argv, "Train every task of a suite, unprotected and Trap²-protected.")
     if cfg.print_commands:  # each line trains one run; the table: this command again once they are done
-        print("\n".join(run_command(run) for run in suite_runs(cfg, cfg.tasks or list(PAPER_TASKS))))
+        phases = training_phases(suite_runs(cfg, cfg.tasks or list(PAPER_TASKS)))
+        print("\n".join(run_command(run) for phase in phases for run in phase))
         return
     train_suite(cfg)
 

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from dataset.vision import prefetched
 from models import distributed
 from models.backbones import load_base
+from models.layer_inputs import layer_input_grams
 from models.runtime import pin_threads, provenance, resolve_device
 from models.updates import ScaledUpdate, load_update, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
-from training_scripts.objective import DecoyPartners
+from training_scripts.objective import DecoyPartners, RandomDecoys
 from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
                                    seed_everything)
 
@@ -25,6 +26,8 @@ from training_scripts.runs import (build_objective, close_run_dir, epoch_order, 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 REPORT_SCALES = (0.0, 0.125, 0.5, 1.0)  # s = 0 is the frozen base; 1/8 and 1/2 are merge-like scales
+RANDOM_DECOY_DIRECTIONS = 16  # the LoRA rank: a partner's update reads about that many input directions
+RANDOM_DECOY_IMAGES = 512  # training images whose layer inputs give those directions
 
 
 def attach_update(model: torch.nn.Module, cfg: TrainConfig) -> ScaledUpdate:
@@ -92,6 +95,25 @@ def decoy_deltas(path: str, base) -> dict[str, torch.Tensor]:
     return {name: decoy.delta(name).detach().float() for name in decoy.names()}
 
 
+def random_decoys_for(cfg: TrainConfig, base, model, task, device) -> RandomDecoys:
+    """RandomDecoys on the linear layers the reference update (--random_decoys_like) changes, read at the base:
+    call before the update is attached."""
+    reference = decoy_deltas(cfg.random_decoys_like, base)
+
+    def feed():
+        for x, _ in task.batches("train", cfg.eval_batch_size, RANDOM_DECOY_IMAGES):
+            model(x.to(device))
+
+    was_training = model.training
+    model.eval()
+    grams = layer_input_grams(model.backbone.net, list(reference), feed)
+    model.train(was_training)
+    if not grams:
+        raise ValueError(f"--random_decoys_like {cfg.random_decoys_like}: the update changes no linear layer")
+    norms = {name: float(reference[name].norm()) for name in grams}
+    return RandomDecoys(model.backbone.net, grams, norms, cfg.decoy_scale, RANDOM_DECOY_DIRECTIONS)
+
+
 def scale_report(model, update: ScaledUpdate, task, split: str, cfg: TrainConfig, device) -> dict[str, dict]:
     out = {}
     for s in REPORT_SCALES:
@@ -125,6 +147,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
         model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
     decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []]  # read before PEFT wraps the net
+    random_decoys = random_decoys_for(cfg, base, model, task, device) if cfg.random_decoys_like else None
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
@@ -134,6 +157,8 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     objective = build_objective(cfg)
     if decoys:
         objective.attach_decoys(DecoyPartners(model.backbone.net, decoys, cfg.decoy_scale), cfg.decoy_lambda)
+    if random_decoys:
+        objective.attach_decoys(random_decoys, cfg.decoy_lambda)
     if not cfg.gradient_checkpointing:
         objective.replay_dropout(model)
     batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
