@@ -204,11 +204,13 @@ class DecoyPartners(Decoys):
 
 
 class RandomDecoys(Decoys):
-    """A fresh random decoy every step, made from the task alone: per layer D = G V_pᵀ, G ~ N(0, 1)^(out × p),
-    V_p the p strongest directions of the layer's inputs (on the task's training images, at the base), scaled
-    to ‖D‖_F = that layer's ‖ΔW‖_F in a reference update (the task's own unprotected one). Such a D rewrites
-    what the task's features read, as a partner's update does, where isotropic noise of that size does not;
-    drawn afresh, no fixed handful of decoys can be learnt around."""
+    """A fresh random decoy every step, made from the task alone: per layer D = G R V_pᵀ, G ~ N(0, 1)^(out × p)
+    and R ~ N(0, 1)^(p × p), V_p the p strongest directions of the layer's inputs (on the task's training images,
+    at the base), scaled to ‖D‖_F = that layer's ‖ΔW‖_F in a reference update (the task's own unprotected one).
+    Such a D rewrites what the task's features read, as a partner's update does, where isotropic noise of that
+    size does not; R spreads its singular values, so it leans on a few directions as a trained update does
+    (G V_pᵀ alone, nearly flat, did less: docs/experiments.md); drawn afresh, no fixed handful of decoys can be
+    learnt around."""
 
     def __init__(self, net: nn.Module, input_grams: dict[str, torch.Tensor], norms: dict[str, float],
                  scale: Sequence[float], directions: int):
@@ -228,7 +230,8 @@ class RandomDecoys(Decoys):
     def draw(self, generator: torch.Generator) -> tuple[list[tuple[nn.Module, torch.Tensor]], float]:
         decoy = []
         for module, basis, norm, weight in self.layers:
-            d = torch.randn(weight.shape[0], basis.shape[1], generator=generator) @ basis.T
+            k = basis.shape[1]
+            d = torch.randn(weight.shape[0], k, generator=generator) @ torch.randn(k, k, generator=generator) @ basis.T
             decoy.append((module, (d * (norm / d.norm())).to(weight.device, weight.dtype)))
         return decoy, self._multiplier(generator)
 
