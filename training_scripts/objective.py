@@ -4,7 +4,8 @@
 
 The update stays useful at s = 1 and is pushed to break at every other scale, so merging (which
 rescales each update by roughly 1/N) moves it off its working point. A departure, off by default: decoy
-partners D (Decoys: released updates or random ones) add the term − λ_d · L(W0 + ΔW + m·D), for merges that keep the update at s = 1.
+partners D (Decoys: released updates or random ones) add the term − λ_d · L(W0 + ΔW + m·D), for merges that
+keep the update at s = 1.
 """
 from __future__ import annotations
 
