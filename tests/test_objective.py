@@ -311,6 +311,8 @@ def test_decoys_are_added_beside_a_peft_adapter_exactly_and_drawn_from_the_objec
             DecoyPartners(net, [bad], [0.5, 0.5])
     with pytest.raises(ValueError, match="lambda_reg > 0"):
         Trap2Objective(0.0).attach_decoys(decoys, 1.0)
+    random = RandomDecoys(net, {"fc1.weight": torch.eye(4, dtype=torch.float64)}, {"fc1.weight": 1.0}, [0.5, 0.5], 2)
+    assert random.layers[0][0] is net.base_model.model.fc1  # the LoRA wrapper, as for DecoyPartners
 
 
 def test_random_decoys_read_the_strongest_input_directions_at_the_reference_norm_fresh_each_draw():

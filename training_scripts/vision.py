@@ -95,9 +95,9 @@ def decoy_deltas(path: str, base) -> dict[str, torch.Tensor]:
     return {name: decoy.delta(name).detach().float() for name in decoy.names()}
 
 
-def random_decoys_for(cfg: TrainConfig, base, model, task, device) -> RandomDecoys:
-    """RandomDecoys on the linear layers the reference update (--random_decoys_like) changes, read at the base:
-    call before the update is attached."""
+def random_decoy_layers(cfg: TrainConfig, base, model, task, device) -> tuple[dict, dict]:
+    """What RandomDecoys needs, read at the base before the update is attached: the input Gram and the reference
+    update's (--random_decoys_like) ‖ΔW‖_F of every linear layer that update changes."""
     reference = decoy_deltas(cfg.random_decoys_like, base)
 
     def feed():
@@ -110,8 +110,7 @@ def random_decoys_for(cfg: TrainConfig, base, model, task, device) -> RandomDeco
     model.train(was_training)
     if not grams:
         raise ValueError(f"--random_decoys_like {cfg.random_decoys_like}: the update changes no linear layer")
-    norms = {name: float(reference[name].norm()) for name in grams}
-    return RandomDecoys(model.backbone.net, grams, norms, cfg.decoy_scale, RANDOM_DECOY_DIRECTIONS)
+    return grams, {name: float(reference[name].norm()) for name in grams}
 
 
 def scale_report(model, update: ScaledUpdate, task, split: str, cfg: TrainConfig, device) -> dict[str, dict]:
@@ -147,7 +146,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
         model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
     decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []]  # read before PEFT wraps the net
-    random_decoys = random_decoys_for(cfg, base, model, task, device) if cfg.random_decoys_like else None
+    random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.random_decoys_like else None
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
@@ -157,8 +156,9 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     objective = build_objective(cfg)
     if decoys:
         objective.attach_decoys(DecoyPartners(model.backbone.net, decoys, cfg.decoy_scale), cfg.decoy_lambda)
-    if random_decoys:
-        objective.attach_decoys(random_decoys, cfg.decoy_lambda)
+    if random_layers:  # built on the wrapped net, as DecoyPartners: D adds outside a DoRA layer's rescaling
+        objective.attach_decoys(RandomDecoys(model.backbone.net, *random_layers, cfg.decoy_scale,
+                                             RANDOM_DECOY_DIRECTIONS), cfg.decoy_lambda)
     if not cfg.gradient_checkpointing:
         objective.replay_dropout(model)
     batch_at = StepBatches(task, cfg.batch_size, cfg.seed, data.workers(), device)
