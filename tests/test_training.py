@@ -1,4 +1,6 @@
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,16 +389,18 @@ def test_decoy_settings_are_checked():
                        ({"lambda_reg": 0.1, "shuffle_classes": 1}, "unprotected"),
                        ({"decoy_scale": [0.7, 0.3]}, "lo <= hi"), ({"decoy_scale": [0.5]}, "lo <= hi"),
                        ({"decoy_lambda": float("nan")}, "decoy_lambda"),
-                       ({"lambda_reg": 0.1, "random_decoys_like": "runs/x"}, "go together"),
-                       ({"random_decoys_like": "runs/x", "decoy_lambda": 1.0}, "protected run"),
+                       ({"lambda_reg": 0.1, "random_decoys": True}, "go together"),
+                       ({"random_decoys": True, "decoy_lambda": 1.0}, "protected run"),
+                       ({"lambda_reg": 0.1, "decoy_lambda": 1.0, "random_decoys_like": "runs/y"}, "--random_decoys true"),
                        ({"lambda_reg": 0.1, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"],
-                         "random_decoys_like": "runs/y"}, "give one")):
+                         "random_decoys": True}, "give one")):
         with pytest.raises(ValueError, match=words):
             TrainConfig(**bad)
     for bad, words in (({"decoys": 2}, "go together"), ({"decoys": -1, "decoy_lambda": 1.0}, "decoys"),
                        ({"decoys": 2, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"]}, "drop --decoy_updates"),
                        ({"random_decoys": True}, "go together"),
-                       ({"random_decoys": True, "decoy_lambda": 1.0, "decoys": 2}, "one kind of decoy")):
+                       ({"random_decoys": True, "decoy_lambda": 1.0, "decoys": 2}, "give one"),
+                       ({"random_decoys": True, "decoy_lambda": 1.0, "random_decoys_like": "runs/x"}, "drop it")):
         with pytest.raises(ValueError, match=words):
             SuiteConfig(**bad)
 
@@ -433,16 +437,27 @@ def test_suite_trains_each_unprotected_run_before_the_trap2_run_whose_random_dec
     cfg = SuiteConfig(**args, runs_root=str(tmp_path), random_decoys=True, decoy_lambda=0.5)
     trap2, plain = suite_runs(cfg, ["gtsrb"])
     assert trap2.random_decoys_like == plain.output_dir and trap2.decoy_lambda == 0.5 and not trap2.decoy_updates
-    assert plain.lambda_reg == 0 and plain.random_decoys_like is None and plain.decoy_lambda == 0
+    assert plain.lambda_reg == 0 and not plain.random_decoys and plain.decoy_lambda == 0
     train_runs([trap2, plain], jobs=1, report=False)  # the Trap² run first in the list: the plain one still trains first
     meta = json.loads((tmp_path / trap2.output_dir / METADATA_FILE).read_text())
-    assert meta["config"]["random_decoys_like"] == plain.output_dir
+    assert meta["config"]["random_decoys"] and meta["config"]["random_decoys_like"] == plain.output_dir
     steps = [json.loads(l) for l in (tmp_path / trap2.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_decoy" in e for e in steps)
-    missing = TrainConfig(**tiny_train_args(tmp_path / "missing", lambda_reg=0.1, decoy_lambda=0.5,
+    missing = TrainConfig(**tiny_train_args(tmp_path / "missing", lambda_reg=0.1, decoy_lambda=0.5, random_decoys=True,
                                             random_decoys_like=str(tmp_path / "nowhere")))
     with pytest.raises(UpdateError, match="nowhere"):
         train_vision(missing)
+
+
+def test_a_single_run_sizes_random_decoys_by_the_unprotected_run_where_the_unprotected_command_puts_it():
+    run = TrainConfig(dataset="gtsrb", model="offline-convnext", lambda_reg=0.1, decoy_lambda=0.5, random_decoys=True)
+    assert run.random_decoys_source == str(Path("runs/offline/offline-convnext/lora/gtsrb-plain"))
+    assert run.decoy_sources == [run.random_decoys_source]
+    unprotected = TrainConfig(dataset="gtsrb", model="offline-convnext", lambda_reg=0.0)
+    assert str(unprotected.resolved_output_dir()) == run.random_decoys_source
+    given = dataclasses.replace(run, random_decoys_like="elsewhere/gtsrb-plain")
+    assert given.random_decoys_source == given.decoy_sources[0] == "elsewhere/gtsrb-plain"
+    assert TrainConfig(dataset="gtsrb", lambda_reg=0.1).random_decoys_source is None
 
 
 def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys):

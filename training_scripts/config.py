@@ -132,10 +132,13 @@ class TrainConfig(RunConfig):
     decoy_updates: list[str] | None = option(
         None, "update folders added beside the trained update in one more pass a step, W0 + ΔW + m·D, whose loss "
               "Trap² pushes up too (a merge partner at c ≈ 1); e.g. --shuffle_classes runs of the same task")
+    random_decoys: bool = option(
+        False, "decoys drawn afresh each step instead: per layer a random update reading the layer's 16 strongest "
+               "input directions (this task's training images, at the base), as large as that layer's update in the "
+               "task's own unprotected run (--random_decoys_like)")
     random_decoys_like: str | None = option(
-        None, "decoys drawn afresh each step instead: per layer a random update reading the layer's 16 strongest input "
-              "directions (this task's training images, at the base), as large as that layer's update in this folder "
-              "(the task's own unprotected run)")
+        None, "the unprotected run that sizes random decoys (default: where the unprotected command puts it, "
+              "runs/<suite>/<model>/<peft>/<task>-plain)")
     decoy_lambda: float = option(0.0, "weight λ_d of the decoy pass's loss (capped by off_loss_cap like the off-scale one)")
     decoy_scale: list[float] = option(help="m ~ U[lo, hi]: how much of a decoy is added", factory=lambda: [0.3, 0.7])
     shuffle_classes: int | None = option(
@@ -148,14 +151,15 @@ class TrainConfig(RunConfig):
         if not (math.isfinite(self.decoy_lambda) and self.decoy_lambda >= 0):
             raise ValueError(f"--decoy_lambda must be a finite number >= 0, got {self.decoy_lambda}")
         check_decoy_scale(self.decoy_scale)
+        if self.random_decoys_like and not self.random_decoys:
+            raise ValueError("--random_decoys_like sizes random decoys: give --random_decoys true with it")
         if self.has_decoys != (self.decoy_lambda > 0):
-            raise ValueError("--decoy_lambda > 0 and decoys go together (--decoy_updates, --random_decoys_like, or a "
-                             "suite's --decoys / --random_decoys): "
-                             "give both, or neither")
-        if self.decoy_updates and self.random_decoys_like:
-            raise ValueError("--decoy_updates and --random_decoys_like are two kinds of decoy: give one")
+            raise ValueError("--decoy_lambda > 0 and decoys go together (--decoy_updates, --random_decoys, or a "
+                             "suite's --decoys): give both, or neither")
+        if self.decoy_updates and self.random_decoys:
+            raise ValueError("--decoy_updates and --random_decoys are two kinds of decoy: give one")
         if self.has_decoys and not self.protected:
-            raise ValueError("decoys (--decoy_updates, --random_decoys_like) act only on a protected run (--lambda_reg > 0)")
+            raise ValueError("decoys (--decoy_updates, --random_decoys) act only on a protected run (--lambda_reg > 0)")
         if self.shuffle_classes is not None and self.protected:
             raise ValueError("--shuffle_classes trains a decoy, an unprotected update: use --lambda_reg 0")
         check_choice("suite", self.suite, ("offline", "vision8"))
@@ -171,9 +175,17 @@ class TrainConfig(RunConfig):
         return bool(self.decoy_sources)
 
     @property
+    def random_decoys_source(self) -> str | None:
+        """The unprotected run that sizes this run's random decoys (None without random decoys)."""
+        if not self.random_decoys:
+            return None
+        return self.random_decoys_like or str(Path("runs") / self.suite / self.model / self.peft /
+                                              run_name(self.dataset, False))
+
+    @property
     def decoy_sources(self) -> list[str]:
         """The run folders this run reads decoys from (so they train first)."""
-        return list(self.decoy_updates or []) + ([self.random_decoys_like] if self.random_decoys_like else [])
+        return list(self.decoy_updates or []) + ([self.random_decoys_source] if self.random_decoys else [])
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:

@@ -23,7 +23,7 @@ SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can ch
 BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
                "eval_batch_size", "push_to_hub", "hub_private", "report_to", "unprotected"}
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
-              "off_loss_cap", "decoy_updates", "random_decoys_like", "decoy_lambda", "decoy_scale"}
+              "off_loss_cap", "decoy_updates", "random_decoys", "random_decoys_like", "decoy_lambda", "decoy_scale"}
 
 
 def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:

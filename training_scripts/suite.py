@@ -46,9 +46,6 @@ class SuiteConfig(TrainConfig):
     decoys: int = option(
         0, "label-shuffled decoys trained per task (--shuffle_classes 1..N, unprotected, <task>-decoy<k>) and given to "
            "its Trap² run as --decoy_updates; needs --decoy_lambda > 0")
-    random_decoys: bool = option(
-        False, "each Trap² run draws random decoys as large as its task's unprotected run (--random_decoys_like), "
-               "which then trains first; needs --decoy_lambda > 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,13 +58,15 @@ class SuiteConfig(TrainConfig):
             raise ValueError(f"--decoys must be >= 0, got {self.decoys}")
         if self.decoys and self.decoy_updates:
             raise ValueError("--decoys trains the decoys the suite uses; drop --decoy_updates, or --decoys 0")
-        if self.random_decoys and (self.decoys or self.decoy_updates or self.random_decoys_like):
-            raise ValueError("--random_decoys is one kind of decoy: drop --decoys, --decoy_updates and "
-                             "--random_decoys_like")
+        if self.random_decoys and self.decoys:
+            raise ValueError("--random_decoys and --decoys are two kinds of decoy: give one")
+        if self.random_decoys_like:
+            raise ValueError("--random_decoys_like names one run; the suite sizes each Trap² run's random decoys by "
+                             "its own task's unprotected run: drop it")
 
     @property
     def has_decoys(self) -> bool:
-        return bool(self.decoy_sources) or self.decoys > 0 or self.random_decoys
+        return bool(self.decoy_updates) or self.decoys > 0 or self.random_decoys
 
 
 def suite_seeds(cfg: SuiteConfig) -> list[int]:
@@ -93,7 +92,7 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
     (longer: 1 + K passes a step) ones, so parallel workers finish together."""
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
-    unprotected = {"lambda_reg": 0.0, "decoy_updates": None, "random_decoys_like": None, "decoy_lambda": 0.0}
+    unprotected = {"lambda_reg": 0.0, "decoy_updates": None, "random_decoys": False, "decoy_lambda": 0.0}
 
     def decoy_dirs(task: str, seed: int) -> list[str]:
         return [str(run_dir(cfg, task, False, seed, decoy=k)) for k in range(1, cfg.decoys + 1)]

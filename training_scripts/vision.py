@@ -98,7 +98,7 @@ def decoy_deltas(path: str, base) -> dict[str, torch.Tensor]:
 def random_decoy_layers(cfg: TrainConfig, base, model, task, device) -> tuple[dict, dict]:
     """What RandomDecoys needs, read at the base before the update is attached: the input Gram and the reference
     update's (--random_decoys_like) ‖ΔW‖_F of every linear layer that update changes."""
-    reference = decoy_deltas(cfg.random_decoys_like, base)
+    reference = decoy_deltas(cfg.random_decoys_source, base)
 
     def feed():
         for x, _ in task.batches("train", cfg.eval_batch_size, RANDOM_DECOY_IMAGES):
@@ -109,7 +109,7 @@ def random_decoy_layers(cfg: TrainConfig, base, model, task, device) -> tuple[di
     grams = layer_input_grams(model.backbone.net, list(reference), feed)
     model.train(was_training)
     if not grams:
-        raise ValueError(f"--random_decoys_like {cfg.random_decoys_like}: the update changes no linear layer")
+        raise ValueError(f"random decoys sized by {cfg.random_decoys_source}: that update changes no linear layer")
     return grams, {name: float(reference[name].norm()) for name in grams}
 
 
@@ -146,7 +146,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
         model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
     decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []]  # read before PEFT wraps the net
-    random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.random_decoys_like else None
+    random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.random_decoys else None
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
