@@ -385,12 +385,10 @@ def test_decoy_settings_are_checked():
 
     for bad, words in (({"lambda_reg": 0.1, "decoy_lambda": 1.0}, "go together"),
                        ({"lambda_reg": 0.1, "decoy_updates": ["runs/x"]}, "go together"),
-                       ({"decoy_updates": ["runs/x"], "decoy_lambda": 1.0}, "protected run"),
                        ({"lambda_reg": 0.1, "shuffle_classes": 1}, "unprotected"),
                        ({"decoy_scale": [0.7, 0.3]}, "lo <= hi"), ({"decoy_scale": [0.5]}, "lo <= hi"),
                        ({"decoy_lambda": float("nan")}, "decoy_lambda"),
                        ({"lambda_reg": 0.1, "random_decoys": True}, "go together"),
-                       ({"random_decoys": True, "decoy_lambda": 1.0}, "protected run"),
                        ({"lambda_reg": 0.1, "decoy_lambda": 1.0, "random_decoys_like": "runs/y"}, "--random_decoys true"),
                        ({"lambda_reg": 0.1, "decoy_lambda": 1.0, "decoy_updates": ["runs/x"],
                          "random_decoys": True}, "give one")):
@@ -447,6 +445,11 @@ def test_suite_trains_each_unprotected_run_before_the_trap2_run_whose_random_dec
                                             random_decoys_like=str(tmp_path / "nowhere")))
     with pytest.raises(UpdateError, match="nowhere"):
         train_vision(missing)
+    unprotected = dataclasses.replace(missing, lambda_reg=0.0)  # a YAML's decoys are left to the Trap² runs
+    assert unprotected.decoy_sources == []
+    train_vision(unprotected)  # never reads the missing folder
+    steps = [json.loads(l) for l in (tmp_path / "missing" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and not any("loss_decoy" in e for e in steps)
 
 
 def test_a_single_run_sizes_random_decoys_by_the_unprotected_run_where_the_unprotected_command_puts_it():

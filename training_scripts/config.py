@@ -158,8 +158,6 @@ class TrainConfig(RunConfig):
                              "suite's --decoys): give both, or neither")
         if self.decoy_updates and self.random_decoys:
             raise ValueError("--decoy_updates and --random_decoys are two kinds of decoy: give one")
-        if self.has_decoys and not self.protected:
-            raise ValueError("decoys (--decoy_updates, --random_decoys) act only on a protected run (--lambda_reg > 0)")
         if self.shuffle_classes is not None and self.protected:
             raise ValueError("--shuffle_classes trains a decoy, an unprotected update: use --lambda_reg 0")
         check_choice("suite", self.suite, ("offline", "vision8"))
@@ -172,7 +170,8 @@ class TrainConfig(RunConfig):
 
     @property
     def has_decoys(self) -> bool:
-        return bool(self.decoy_sources)
+        """Decoys are configured (they go with decoy_lambda > 0); only a protected run draws them."""
+        return bool(self.decoy_updates) or self.random_decoys
 
     @property
     def random_decoys_source(self) -> str | None:
@@ -184,7 +183,10 @@ class TrainConfig(RunConfig):
 
     @property
     def decoy_sources(self) -> list[str]:
-        """The run folders this run reads decoys from (so they train first)."""
+        """The run folders this run reads decoys from (so they train first): none for an unprotected run, which
+        leaves a YAML's decoys, like its λ, to the Trap² runs."""
+        if not self.protected:
+            return []
         return list(self.decoy_updates or []) + ([self.random_decoys_source] if self.random_decoys else [])
 
     def resolved_output_dir(self) -> Path:

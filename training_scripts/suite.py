@@ -66,7 +66,7 @@ class SuiteConfig(TrainConfig):
 
     @property
     def has_decoys(self) -> bool:
-        return bool(self.decoy_updates) or self.decoys > 0 or self.random_decoys
+        return super().has_decoys or self.decoys > 0
 
 
 def suite_seeds(cfg: SuiteConfig) -> list[int]:
