@@ -178,8 +178,7 @@ class TrainConfig(RunConfig):
         """The unprotected run that sizes this run's random decoys (None without random decoys)."""
         if not self.random_decoys:
             return None
-        return self.random_decoys_like or str(Path("runs") / self.suite / self.model / self.peft /
-                                              run_name(self.dataset, False))
+        return self.random_decoys_like or str(self.default_run_dir(False))
 
     @property
     def decoy_sources(self) -> list[str]:
@@ -189,10 +188,12 @@ class TrainConfig(RunConfig):
             return []
         return list(self.decoy_updates or []) + ([self.random_decoys_source] if self.random_decoys else [])
 
+    def default_run_dir(self, protected: bool) -> Path:
+        """Where this task's run goes without --output_dir: runs/<suite>/<model>/<peft>/<task>-trap2|plain."""
+        return Path("runs") / self.suite / self.model / self.peft / run_name(self.dataset, protected)
+
     def resolved_output_dir(self) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path("runs") / self.suite / self.model / self.peft / run_name(self.dataset, self.protected)
+        return Path(self.output_dir) if self.output_dir else self.default_run_dir(self.protected)
 
 
 def run_name(task: str, protected: bool) -> str:
