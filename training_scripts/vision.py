@@ -96,8 +96,8 @@ def decoy_deltas(path: str, base) -> dict[str, torch.Tensor]:
 
 
 def random_decoy_layers(cfg: TrainConfig, base, model, task, device) -> tuple[dict, dict]:
-    """What RandomDecoys needs, read at the base before the update is attached: the input Gram and the reference
-    update's (--random_decoys_like) ‖ΔW‖_F of every linear layer that update changes."""
+    """What RandomDecoys needs, read at the base before the update is attached: the input Gram and the sizing
+    run's (`cfg.random_decoys_source`) ‖ΔW‖_F of every linear layer that update changes."""
     reference = decoy_deltas(cfg.random_decoys_source, base)
 
     def feed():
