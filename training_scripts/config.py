@@ -174,6 +174,12 @@ class TrainConfig(RunConfig):
         return bool(self.decoy_updates) or self.random_decoys
 
     @property
+    def draws_decoys(self) -> bool:
+        """Whether training adds the decoy pass: an unprotected run leaves a YAML's decoys, like its λ, to the
+        Trap² runs."""
+        return self.protected and self.has_decoys
+
+    @property
     def random_decoys_source(self) -> str | None:
         """The unprotected run that sizes this run's random decoys (None without random decoys)."""
         if not self.random_decoys:
@@ -182,9 +188,8 @@ class TrainConfig(RunConfig):
 
     @property
     def decoy_sources(self) -> list[str]:
-        """The run folders this run reads decoys from (so they train first): none for an unprotected run, which
-        leaves a YAML's decoys, like its λ, to the Trap² runs."""
-        if not self.protected:
+        """The run folders this run reads decoys from (so they train first): none unless it draws decoys."""
+        if not self.draws_decoys:
             return []
         return list(self.decoy_updates or []) + ([self.random_decoys_source] if self.random_decoys else [])
 

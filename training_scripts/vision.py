@@ -145,9 +145,9 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     model = classifier_for(base, task, data)
     if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
         model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
-    # read before PEFT wraps the net; an unprotected run leaves a YAML's decoys to the Trap² runs
-    decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []] if cfg.protected else []
-    random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.protected and cfg.random_decoys else None
+    # read before PEFT wraps the net
+    decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []] if cfg.draws_decoys else []
+    random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.draws_decoys and cfg.random_decoys else None
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
