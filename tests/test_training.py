@@ -468,13 +468,16 @@ def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys):
 
     from models.options import parse_config
     from training_scripts.config import parse_run_config
-    from training_scripts.suite import SuiteConfig, main, suite_runs
+    from training_scripts.suite import SuiteConfig, main, suite_runs, training_phases
 
     argv = ["--config", "configs/offline/vit_lora.yaml", "--tasks", "gtsrb", "mnist", "--seeds", "420", "421",
             "--base_options", '{"steps": 15}']
     main(argv + ["--print_commands", "true"])
     lines = capsys.readouterr().out.strip().splitlines()
-    runs = suite_runs(parse_config(SuiteConfig, argv), ["gtsrb", "mnist"])
+    # in training order: the YAML's random decoys make each Trap² run wait for the unprotected run that sizes them
+    first, rest = training_phases(suite_runs(parse_config(SuiteConfig, argv), ["gtsrb", "mnist"]))
+    assert all(not run.protected for run in first) and all(run.protected for run in rest)
+    runs = first + rest
     assert len(lines) == len(runs) == 8
     for line, run in zip(lines, runs):
         words = shlex.split(line)
