@@ -32,9 +32,9 @@ from eval_scripts.scaling_curve import CurveConfig, run_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
-from training_scripts.suite import (SuiteConfig, default_results, read_standalone_table, run_dir, runs_finished,
-                                   runs_provenance, suite_seeds, train_suite, validation_accuracy,
-                                   write_standalone_table)
+from training_scripts.suite import (SuiteConfig, default_results, print_training_commands, read_standalone_table,
+                                   run_dir, runs_finished, runs_provenance, suite_seeds, train_suite,
+                                   validation_accuracy, write_standalone_table)
 
 # The claims, as issue 14 states them (points of accuracy; the report reads test, a selection val).
 MAX_COST = 1.5  # standalone: fine-tuned − Trap², mean over tasks
@@ -343,7 +343,11 @@ def reproduce(cfg: ReproduceConfig) -> Path:
 
 
 def main(argv=None) -> None:
-    reproduce(parse_config(ReproduceConfig, argv, __doc__.split("\n")[0]))
+    cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n")[0])
+    if cfg.print_commands:  # the merges and tables: this command again once the runs are done
+        print_training_commands(cfg)
+        return
+    reproduce(cfg)
 
 
 if __name__ == "__main__":

@@ -463,16 +463,20 @@ def test_a_single_run_sizes_random_decoys_by_the_unprotected_run_where_the_unpro
     assert TrainConfig(dataset="gtsrb", lambda_reg=0.1).random_decoys_source is None
 
 
-def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys):
+@pytest.mark.parametrize("entry", ["training_scripts.suite", "eval_scripts.reproduce"])
+def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys, entry, tmp_path):
+    import importlib
     import shlex
 
     from models.options import parse_config
     from training_scripts.config import parse_run_config
-    from training_scripts.suite import SuiteConfig, main, suite_runs, training_phases
+    from training_scripts.suite import SuiteConfig, suite_runs, training_phases
 
     argv = ["--config", "configs/offline/vit_lora.yaml", "--tasks", "gtsrb", "mnist", "--seeds", "420", "421",
-            "--base_options", '{"steps": 15}']
-    main(argv + ["--print_commands", "true"])
+            "--base_options", '{"steps": 15}', "--runs_root", str(tmp_path / "runs")]
+    # reproduce takes the suite's options: printing must not start the training or the merges
+    importlib.import_module(entry).main(argv + ["--print_commands", "true"])
+    assert not (tmp_path / "runs").exists()
     lines = capsys.readouterr().out.strip().splitlines()
     # in training order: the YAML's random decoys make each Trap² run wait for the unprotected run that sizes them
     first, rest = training_phases(suite_runs(parse_config(SuiteConfig, argv), ["gtsrb", "mnist"]))

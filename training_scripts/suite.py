@@ -304,11 +304,16 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     return Path(f"{out}.md")
 
 
+def print_training_commands(cfg: SuiteConfig) -> None:
+    """--print_commands: one line per run, in training order; each line trains one run."""
+    phases = training_phases(suite_runs(cfg, cfg.tasks or list(PAPER_TASKS)))
+    print("\n".join(run_command(run) for phase in phases for run in phase))
+
+
 def main(argv=None) -> None:
     cfg = parse_config(SuiteConfig, argv, "Train every task of a suite, unprotected and Trap²-protected.")
-    if cfg.print_commands:  # each line trains one run; the table: this command again once they are done
-        phases = training_phases(suite_runs(cfg, cfg.tasks or list(PAPER_TASKS)))
-        print("\n".join(run_command(run) for phase in phases for run in phase))
+    if cfg.print_commands:  # the table: this command again once they are done
+        print_training_commands(cfg)
         return
     train_suite(cfg)
 
