@@ -25,6 +25,9 @@ class RunConfig:
     fixed_scales: list[float] | None = option(None, "use these off scales every step instead of sampling")
     off_loss_cap: float | None = option(
         None, "cap of each example's off-scale loss (math: each answer token's); none: the paper's unbounded term")
+    lambda_ramp_steps: int = option(
+        0, "steps over which λ (and a decoy's λ_d) rise linearly from 0, so the task is fitted before it is trapped; "
+           "0: full λ from the first step (the paper)")
     # LoRA
     lora_rank: int = option(16, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)")
@@ -94,6 +97,8 @@ class RunConfig:
             raise ValueError(f"--schedule_steps must be >= 1 (or none: max_steps), got {self.schedule_steps}")
         if self.lambda_reg < 0:
             raise ValueError(f"--lambda_reg must be >= 0 (0 trains the unprotected baseline), got {self.lambda_reg}")
+        if self.lambda_ramp_steps < 0:
+            raise ValueError(f"--lambda_ramp_steps must be >= 0 (0: no ramp), got {self.lambda_ramp_steps}")
 
     @property
     def protected(self) -> bool:

@@ -35,6 +35,7 @@ class Trap2Config:
     scale_samples: int = 1
     fixed_scales: list[float] | None = None
     off_loss_cap: float | None = None
+    lambda_ramp_steps: int = 0
     seed: int = 0  # the scale draws use seed + 1, as in our trainers
 
 
@@ -85,7 +86,8 @@ class Trap2Mixin:
             return scaler.scale(loss) if scaler is not None else loss
 
         metrics = self.objective.backward(model, self.update_of(model), self.trap2_loss_fn, inputs,
-                                          scale_loss=scale_loss, autocast=self.compute_loss_context_manager)
+                                          scale_loss=scale_loss, autocast=self.compute_loss_context_manager,
+                                          step=self.state.global_step)
         return torch.tensor(metrics["objective" if "objective" in metrics else "loss"] / steps,
                             device=self.args.device)
 

@@ -152,7 +152,7 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
         optimizer.zero_grad(set_to_none=True)
         for i in range(k):
             metrics = objective.backward(model, update, loss_fn, batch_at(step * k + i),
-                                         scale_loss=scale_loss, autocast=autocast)
+                                         scale_loss=scale_loss, autocast=autocast, step=step)
         distributed.average_gradients(trainable)
         if scaler is not None:
             scaler.unscale_(optimizer)

@@ -275,7 +275,7 @@ class Trap2Objective:
 
     def __init__(self, lambda_reg: float, sampler: ScaleSampler | None = None, weight: str = "inv",
                  samples_per_step: int = 1, fixed_scales: Sequence[float] | None = None, seed: int = 0,
-                 off_loss_cap: float | None = None):
+                 off_loss_cap: float | None = None, ramp_steps: int = 0):
         if lambda_reg < 0:
             raise ValueError(f"lambda_reg must be >= 0, got {lambda_reg}")
         if weight not in SCALE_WEIGHTS:
@@ -284,6 +284,8 @@ class Trap2Objective:
             raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
         if off_loss_cap is not None and not off_loss_cap > 0:
             raise ValueError(f"off_loss_cap must be > 0 (or None for the paper's unbounded term), got {off_loss_cap}")
+        if ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
         if fixed_scales is not None and any(s <= 0 for s in fixed_scales):
             raise ValueError(f"fixed scales must be > 0, got {list(fixed_scales)}")
         self.lambda_reg = lambda_reg
@@ -293,6 +295,7 @@ class Trap2Objective:
         self.samples_per_step = samples_per_step
         self.fixed_scales = list(fixed_scales) if fixed_scales else None
         self.off_loss_cap = off_loss_cap
+        self.ramp_steps = ramp_steps
         self.generator = torch.Generator().manual_seed(seed)
         self.dropout_replay: DropoutReplay | None = None
         self.decoys: Decoys | None = None
@@ -328,6 +331,11 @@ class Trap2Objective:
     def protects(self) -> bool:
         return self.lambda_reg > 0
 
+    def ramp(self, step: int) -> float:
+        """The share of λ and λ_d in force at optimiser step `step` (0-based): rising linearly to 1 over the
+        first ramp_steps steps, so the task is fitted before the traps pull against it."""
+        return 1.0 if self.ramp_steps == 0 else min(1.0, (step + 1) / self.ramp_steps)
+
     def scales_for_step(self) -> list[float]:
         if self.fixed_scales is not None:
             return list(self.fixed_scales)
@@ -335,10 +343,10 @@ class Trap2Objective:
 
     def backward(self, model: nn.Module, update: ScaledUpdate, loss_fn: LossFn, batch: object,
                  scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-                 autocast: Callable[[], ContextManager] = nullcontext) -> dict[str, float]:
+                 autocast: Callable[[], ContextManager] = nullcontext, step: int = 0) -> dict[str, float]:
         """Back-propagates J on `batch` into the update's .grad and returns the pass losses.
 
-        `scale_loss` is the AMP grad scaler's `scale` (identity without AMP).
+        `scale_loss` is the AMP grad scaler's `scale` (identity without AMP); `step` the optimiser step (the ramp).
         """
         device = next(iter(update.params.values())).device
         replay = self.dropout_replay if self.protects else None
@@ -352,13 +360,14 @@ class Trap2Objective:
             return metrics
         after_nominal = RngSnapshot(device) if replay else None
         scales = self.scales_for_step()
+        lambda_reg, decoy_lambda = self.lambda_reg * self.ramp(step), self.decoy_lambda * self.ramp(step)
         off_losses = []
         for s in scales:
             rng.restore()
             with update.rescaled(model, s), replay.replaying() if replay else nullcontext():
                 with autocast():
                     off = self._off_loss(loss_fn(model, batch))
-                term = -self.lambda_reg * self.weight(s) * off / len(scales)
+                term = -lambda_reg * self.weight(s) * off / len(scales)
                 scale_loss(term).backward()  # inside: checkpointed layers recompute with the scaled weights
             off_losses.append(float(off.detach()))
         decoy_loss = 0.0
@@ -368,7 +377,7 @@ class Trap2Objective:
             with self.decoys.added(decoy_layers, m), replay.replaying() if replay else nullcontext():
                 with autocast():
                     decoy = self._off_loss(loss_fn(model, batch))
-                scale_loss(-self.decoy_lambda * decoy).backward()
+                scale_loss(-decoy_lambda * decoy).backward()
             decoy_loss = float(decoy.detach())
             metrics["loss_decoy"] = decoy_loss
         if replay:  # replayed passes drew no masks: continue the stream where the nominal pass left it
@@ -376,6 +385,6 @@ class Trap2Objective:
             replay.clear()
         metrics["loss_off"] = sum(off_losses) / len(off_losses)
         metrics["scale"] = scales[0] if len(scales) == 1 else sum(scales) / len(scales)
-        metrics["objective"] = metrics["loss"] - self.lambda_reg * sum(
-            self.weight(s) * l for s, l in zip(scales, off_losses)) / len(scales) - self.decoy_lambda * decoy_loss
+        metrics["objective"] = metrics["loss"] - lambda_reg * sum(
+            self.weight(s) * l for s, l in zip(scales, off_losses)) / len(scales) - decoy_lambda * decoy_loss
         return metrics
