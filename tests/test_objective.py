@@ -244,7 +244,8 @@ def test_a_loss_that_is_not_per_example_is_refused():
         Trap2Objective(0.5, fixed_scales=[0.5]).backward(model, update, lambda f, b: mse_loss(f, b).mean(), (x, y))
 
 
-def test_decoy_pass_adds_the_gradient_of_the_loss_beside_a_decoy():
+@pytest.mark.parametrize("ramp_steps, step, share", [(0, 0, 1.0), (4, 0, 0.25), (4, 2, 0.75), (4, 3, 1.0), (4, 50, 1.0)])
+def test_decoy_pass_adds_the_gradient_beside_a_decoy_and_the_ramp_scales_both_traps(ramp_steps, step, share):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 2, bias=False))
     w0 = net[0].weight.detach().clone()
@@ -253,45 +254,28 @@ def test_decoy_pass_adds_the_gradient_of_the_loss_beside_a_decoy():
         net[0].weight.add_(torch.randn(2, 3) * 0.5)
     x, y, D = torch.randn(5, 3), torch.randn(5, 2), torch.randn(2, 3)
     s, lam, lam_d, m = 0.3, 0.7, 0.4, 0.6
-    objective = Trap2Objective(lam, weight="none", fixed_scales=[s])
+    objective = Trap2Objective(lam, weight="none", fixed_scales=[s], ramp_steps=ramp_steps)
     objective.attach_decoys(DecoyPartners(net, [{"0.weight": D}], [m, m]), lam_d)
-    metrics = objective.backward(net, update, mse_loss, (x, y))
+    metrics = objective.backward(net, update, mse_loss, (x, y), step=step)
     W = net[0].weight.detach()
 
     def grad(V):  # d/dV of mean((xVᵀ − y)²)
         return 2 / y.numel() * (x @ V.T - y).T @ x
 
-    expected = grad(W) - lam * s * grad(w0 + s * (W - w0)) - lam_d * grad(W + m * D)
-    assert torch.allclose(net[0].weight.grad, expected, atol=1e-6)
-    assert metrics["loss_decoy"] == pytest.approx(float(((x @ (W + m * D).T - y) ** 2).mean()), rel=1e-6)
-    assert torch.equal(net(x), x @ W.T)  # the decoy left with its pass
-
-
-@pytest.mark.parametrize("step, share", [(0, 0.25), (2, 0.75), (3, 1.0), (50, 1.0)])
-def test_lambda_ramp_scales_both_traps_by_the_step_share(step, share):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 2, bias=False))
-    w0 = net[0].weight.detach().clone()
-    update = ScaledUpdate.full(net)
-    with torch.no_grad():
-        net[0].weight.add_(torch.randn(2, 3) * 0.5)
-    x, y, D = torch.randn(5, 3), torch.randn(5, 2), torch.randn(2, 3)
-    s, lam, lam_d, m = 0.3, 0.7, 0.4, 0.6
-    objective = Trap2Objective(lam, weight="none", fixed_scales=[s], ramp_steps=4)
-    objective.attach_decoys(DecoyPartners(net, [{"0.weight": D}], [m, m]), lam_d)
-    metrics = objective.backward(net, update, mse_loss, (x, y), step=step)
-    W = net[0].weight.detach()
-
-    def grad(V):
-        return 2 / y.numel() * (x @ V.T - y).T @ x
+    def loss(V):
+        return float(((x @ V.T - y) ** 2).mean())
 
     expected = grad(W) - share * (lam * s * grad(w0 + s * (W - w0)) + lam_d * grad(W + m * D))
     assert torch.allclose(net[0].weight.grad, expected, atol=1e-6)
-    loss = lambda V: float(((x @ V.T - y) ** 2).mean())
+    assert metrics["loss_decoy"] == pytest.approx(loss(W + m * D), rel=1e-6)
     assert metrics["objective"] == pytest.approx(
         loss(W) - share * (lam * loss(w0 + s * (W - w0)) + lam_d * loss(W + m * D)), rel=1e-5)
+    assert torch.equal(net(x), x @ W.T)  # the decoy left with its pass
+
+
+def test_a_negative_ramp_is_refused():
     with pytest.raises(ValueError, match="ramp_steps"):
-        Trap2Objective(lam, ramp_steps=-1)
+        Trap2Objective(0.5, ramp_steps=-1)
 
 
 def test_decoys_are_added_beside_a_peft_adapter_exactly_and_drawn_from_the_objective_stream():
