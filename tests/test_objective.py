@@ -244,8 +244,8 @@ def test_a_loss_that_is_not_per_example_is_refused():
         Trap2Objective(0.5, fixed_scales=[0.5]).backward(model, update, lambda f, b: mse_loss(f, b).mean(), (x, y))
 
 
-@pytest.mark.parametrize("ramp_steps, step, share", [(0, 0, 1.0), (4, 0, 0.25), (4, 2, 0.75), (4, 3, 1.0), (4, 50, 1.0)])
-def test_decoy_pass_adds_the_gradient_beside_a_decoy_and_the_ramp_scales_both_traps(ramp_steps, step, share):
+@pytest.mark.parametrize("lambda_ramp_steps, step, share", [(0, 0, 1.0), (4, 0, 0.25), (4, 2, 0.75), (4, 3, 1.0), (4, 50, 1.0)])
+def test_decoy_pass_adds_the_gradient_beside_a_decoy_and_the_ramp_scales_both_traps(lambda_ramp_steps, step, share):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 2, bias=False))
     w0 = net[0].weight.detach().clone()
@@ -254,7 +254,7 @@ def test_decoy_pass_adds_the_gradient_beside_a_decoy_and_the_ramp_scales_both_tr
         net[0].weight.add_(torch.randn(2, 3) * 0.5)
     x, y, D = torch.randn(5, 3), torch.randn(5, 2), torch.randn(2, 3)
     s, lam, lam_d, m = 0.3, 0.7, 0.4, 0.6
-    objective = Trap2Objective(lam, weight="none", fixed_scales=[s], ramp_steps=ramp_steps)
+    objective = Trap2Objective(lam, weight="none", fixed_scales=[s], lambda_ramp_steps=lambda_ramp_steps)
     objective.attach_decoys(DecoyPartners(net, [{"0.weight": D}], [m, m]), lam_d)
     metrics = objective.backward(net, update, mse_loss, (x, y), step=step)
     W = net[0].weight.detach()
@@ -274,8 +274,8 @@ def test_decoy_pass_adds_the_gradient_beside_a_decoy_and_the_ramp_scales_both_tr
 
 
 def test_a_negative_ramp_is_refused():
-    with pytest.raises(ValueError, match="ramp_steps"):
-        Trap2Objective(0.5, ramp_steps=-1)
+    with pytest.raises(ValueError, match="lambda_ramp_steps"):
+        Trap2Objective(0.5, lambda_ramp_steps=-1)
 
 
 def test_decoys_are_added_beside_a_peft_adapter_exactly_and_drawn_from_the_objective_stream():

@@ -275,7 +275,7 @@ class Trap2Objective:
 
     def __init__(self, lambda_reg: float, sampler: ScaleSampler | None = None, weight: str = "inv",
                  samples_per_step: int = 1, fixed_scales: Sequence[float] | None = None, seed: int = 0,
-                 off_loss_cap: float | None = None, ramp_steps: int = 0):
+                 off_loss_cap: float | None = None, lambda_ramp_steps: int = 0):
         if lambda_reg < 0:
             raise ValueError(f"lambda_reg must be >= 0, got {lambda_reg}")
         if weight not in SCALE_WEIGHTS:
@@ -284,8 +284,8 @@ class Trap2Objective:
             raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
         if off_loss_cap is not None and not off_loss_cap > 0:
             raise ValueError(f"off_loss_cap must be > 0 (or None for the paper's unbounded term), got {off_loss_cap}")
-        if ramp_steps < 0:
-            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+        if lambda_ramp_steps < 0:
+            raise ValueError(f"lambda_ramp_steps must be >= 0, got {lambda_ramp_steps}")
         if fixed_scales is not None and any(s <= 0 for s in fixed_scales):
             raise ValueError(f"fixed scales must be > 0, got {list(fixed_scales)}")
         self.lambda_reg = lambda_reg
@@ -295,7 +295,7 @@ class Trap2Objective:
         self.samples_per_step = samples_per_step
         self.fixed_scales = list(fixed_scales) if fixed_scales else None
         self.off_loss_cap = off_loss_cap
-        self.ramp_steps = ramp_steps
+        self.lambda_ramp_steps = lambda_ramp_steps
         self.generator = torch.Generator().manual_seed(seed)
         self.dropout_replay: DropoutReplay | None = None
         self.decoys: Decoys | None = None
@@ -333,8 +333,8 @@ class Trap2Objective:
 
     def ramp(self, step: int) -> float:
         """The share of λ and λ_d in force at optimiser step `step` (0-based): rising linearly to 1 over the
-        first ramp_steps steps, so the task is fitted before the traps pull against it."""
-        return 1.0 if self.ramp_steps == 0 else min(1.0, (step + 1) / self.ramp_steps)
+        first lambda_ramp_steps steps, so the task is fitted before the traps pull against it."""
+        return 1.0 if self.lambda_ramp_steps == 0 else min(1.0, (step + 1) / self.lambda_ramp_steps)
 
     def scales_for_step(self) -> list[float]:
         if self.fixed_scales is not None:
@@ -360,7 +360,8 @@ class Trap2Objective:
             return metrics
         after_nominal = RngSnapshot(device) if replay else None
         scales = self.scales_for_step()
-        lambda_reg, decoy_lambda = self.lambda_reg * self.ramp(step), self.decoy_lambda * self.ramp(step)
+        share = self.ramp(step)
+        lambda_reg, decoy_lambda = self.lambda_reg * share, self.decoy_lambda * share
         off_losses = []
         for s in scales:
             rng.restore()

@@ -23,7 +23,8 @@ SETTINGS_FILE = "run_settings.json"  # written at start, so a resumed run can ch
 BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "download", "num_workers",
                "eval_batch_size", "push_to_hub", "hub_private", "report_to", "unprotected"}
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
-              "off_loss_cap", "lambda_ramp_steps", "decoy_updates", "random_decoys", "random_decoys_like", "decoy_lambda", "decoy_scale"}
+              "off_loss_cap", "lambda_ramp_steps", "decoy_updates", "random_decoys", "random_decoys_like",
+              "decoy_lambda", "decoy_scale"}
 
 
 def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
@@ -105,7 +106,7 @@ def build_objective(cfg: RunConfig) -> Trap2Objective:
     """The Trap² objective of a run's settings (any object with RunConfig's objective fields)."""
     return Trap2Objective(cfg.lambda_reg, ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band),
                           cfg.rand_alpha_weight, cfg.scale_samples, cfg.fixed_scales, seed=cfg.seed + 1,
-                          off_loss_cap=cfg.off_loss_cap, ramp_steps=cfg.lambda_ramp_steps)
+                          off_loss_cap=cfg.off_loss_cap, lambda_ramp_steps=cfg.lambda_ramp_steps)
 
 
 def loop_settings(cfg: RunConfig, device: torch.device, auto_amp: str = "fp16") -> LoopSettings:
