@@ -26,7 +26,7 @@ from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, resolve_device, run_cli
 from task_merger import MERGE_METHODS
-from training_scripts.suite import run_dir, suite_seeds, train_suite
+from training_scripts.suite import run_dir, suite_seeds, train_suite_runs
 
 ATTACK_METHODS = [name for name, m in MERGE_METHODS.items() if m.peft_combination or m.statistics]
 
@@ -148,7 +148,7 @@ def attacks(cfg: AttacksConfig) -> Path:
             raise FileNotFoundError(f"--report_only: {missing[0] if missing else recovery_csv} is missing; run "
                                     f"without --report_only to compute it")
     else:
-        train_suite(cfg)
+        train_suite_runs(cfg)  # the runs only: the standalone table is command 1's, written with its settings
         run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir),
                   cfg.jobs or default_jobs(cfg.device))
         recovery_csv = run_recovery(recovery)

@@ -230,6 +230,7 @@ def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path, 
     text = out.read_text()
     assert "| peft_cat/full |" in text and "Few-shot recovery" in text
     assert "Few-shot recovery" in (out.parent / "tables.md").read_text()
+    assert not (out.parent / "standalone.json").exists()  # the runs trained, command 1's table left to it
 
     # --report_only rebuilds the report from disk, merging and training nothing
     import eval_scripts.attacks as att
@@ -237,7 +238,7 @@ def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path, 
     def refuse(*args, **kwargs):
         raise AssertionError("--report_only computed something")
 
-    for name in ("train_suite", "run_cells", "run_recovery"):
+    for name in ("train_suite_runs", "run_cells", "run_recovery"):
         monkeypatch.setattr(att, name, refuse)
     out.unlink()
     assert attacks(dataclasses.replace(cfg, report_only=True)).read_text() == text

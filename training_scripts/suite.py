@@ -176,13 +176,20 @@ def train_runs(runs: list[TrainConfig], jobs: int, report: bool = True) -> None:
                      lambda run: Path(run.output_dir).name)
 
 
-def train_suite(cfg: SuiteConfig, report: bool = True) -> Path | None:
-    """Every run of the suite, then its standalone table; `report` false (choosing on validation) prints and
-    writes no test number, so no table."""
+def train_suite_runs(cfg: SuiteConfig, report: bool = True) -> list[str]:
+    """Every run of the suite (finished ones are kept); its tasks. `report` false (choosing on validation)
+    prints no test number."""
     tasks = cfg.tasks or list(PAPER_TASKS)
     runs = suite_runs(cfg, tasks)
     prepare_bases(cfg, runs)
     train_runs(runs, cfg.jobs or default_jobs(cfg.device), report)
+    return tasks
+
+
+def train_suite(cfg: SuiteConfig, report: bool = True) -> Path | None:
+    """Every run of the suite, then its standalone table; `report` false (choosing on validation) prints and
+    writes no test number, so no table."""
+    tasks = train_suite_runs(cfg, report)
     return write_standalone_table(cfg, tasks) if report else None
 
 
