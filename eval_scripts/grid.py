@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from eval_scripts.linear_search import MergeConfig, pre_merge, run_merge_eval, setup_merge
+from eval_scripts.linear_search import MergeConfig, merge_settings, pre_merge, run_merge_eval, setup_merge
 from models.options import option, parse_config
 from models.runtime import default_jobs, run_cli, run_jobs
 from models.updates import METADATA_FILE
@@ -37,8 +37,7 @@ def grid_cells(cfg: GridConfig) -> list[MergeConfig]:
     methods, spaces = cfg.methods or PAPER_METHODS, cfg.spaces or list(MERGE_SPACES)
     for m in methods:
         get_merge_method(m)
-    merge_fields = {f.name for f in dataclasses.fields(MergeConfig)}
-    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in merge_fields}
+    shared = merge_settings(cfg)
     paths = [*(cfg.protected or ()), *(cfg.control or ()), *(cfg.others or ())]
     spaces = usable_spaces(spaces, {update_kind(p) for p in paths})
     cells = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,6 +406,13 @@ def normalising_constants(pre: dict, merged: list[ReleasedUpdate], unprotected: 
     return {u.task: {"val": by_task[u.task], "test": by_task[u.task]} for u in merged}
 
 
+def merge_settings(cfg: MergeConfig) -> dict:
+    """cfg's merge settings alone: a subclass's other options (a grid's, a recovery study's) left out, so a cell's
+    summary records the same settings whichever command ran it."""
+    names = {f.name for f in dataclasses.fields(MergeConfig)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+
+
 def run_merge_eval(cfg: MergeConfig) -> Path:
     setup = setup_merge(cfg)
     lock = FolderLock(setup.out)  # one writer per sweep folder
@@ -412,7 +420,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
         pre = pre_merge(setup, cfg)
         log = PointLog(setup.out / "points.jsonl")
         evaluations = EvaluationCache(setup.out.parent / "evaluations.jsonl")
-        summary = {"config": vars(cfg), "pre_merge": pre, "scenarios": {},
+        summary = {"config": merge_settings(cfg), "pre_merge": pre, "scenarios": {},
                    "provenance": provenance(setup.all_updates[0].metadata.get("base_fingerprint"))}
         for name, ups in setup.scenarios.items():
             if not ups:

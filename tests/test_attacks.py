@@ -188,6 +188,9 @@ def test_recovery_fine_tunes_each_start_and_resumes(trained_updates, tmp_path):
     # 16 examples move the model: the fine-tune trains (test accuracy changes from the merged model's)
     assert any(r["recovered_test"] != r["merged_test"] for r in records if r["k"] == 16)
     assert (tmp_path / "recovery.png").stat().st_size > 0
+    # the cell's summary records its merge settings only, as the grid's cells do: no recovery option
+    recorded = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert "shots" not in recorded and recorded["coef_stop"] == 1.0 and recorded["output_dir"] == str(tmp_path)
     import eval_scripts.recovery as rec
 
     original = rec.fine_tune
