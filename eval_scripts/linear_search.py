@@ -15,9 +15,9 @@ merge that another cell or phase already scored is read, not recomputed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
