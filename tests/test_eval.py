@@ -133,6 +133,10 @@ def test_standalone_table_from_suite_runs(trained_updates, tmp_path):
     table = build_tables(TablesConfig(results=str(tmp_path / "results")))[0].read_text()
     assert (tmp_path / "results" / "tables-tradeoff.png").stat().st_size > 1000
     assert "s ∈ [0.05, 0.8] ∪ [1.2, 2]" in md.read_text().splitlines()[0]  # the sampler's support is named
+    assert "decoys" not in md.read_text().splitlines()[0]
+    cfg.random_decoys, cfg.decoy_lambda, cfg.decoy_scale = True, 0.1, [0.4, 0.8]
+    header = write_standalone_table(cfg, ["gtsrb"]).read_text().splitlines()[0]
+    assert "random decoys at λ_d = 0.1 (m ∈ [0.4, 0.8])" in header  # a departure the reader must see
     assert "| offline-vit | lora | 0.1 | inv | 1 | [0.05, 0.8] ∪ [1.2, 2] | default | 10000 | 2000 | 1 | 1 |" in table
 
     # A second seed: each task's entry becomes the mean over seeds, with a per-seed summary.

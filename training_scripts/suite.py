@@ -291,10 +291,13 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     out = Path(cfg.results or default_results(cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
-    cap = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
+    departures = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
+    if cfg.decoy_lambda and (cfg.random_decoys or cfg.decoy_updates or cfg.decoys):
+        kind = "random decoys" if cfg.random_decoys else "decoy partners"
+        departures += f", {kind} at λ_d = {cfg.decoy_lambda:g} (m ∈ [{cfg.decoy_scale[0]:g}, {cfg.decoy_scale[1]:g}])"
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
              f"Trap² λ = {cfg.lambda_reg}, w(s) = {cfg.rand_alpha_weight}, K = {cfg.scale_samples}, "
-             f"s ∈ {ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band)}{cap}{over}. "
+             f"s ∈ {ScaleSampler(cfg.rand_alpha_min, cfg.rand_alpha_max, cfg.band)}{departures}{over}. "
              f"s = 1 is the released update; s = 0 is the frozen base. Base {base_fingerprint}, "
              f"CPU threads per run: {', '.join(map(str, threads))}.", ""]
     lines += _markdown_table(rows)
