@@ -109,6 +109,7 @@ def run_recovery(cfg: RecoveryConfig) -> Path:
     done = {r["key"]: r for r in read_jsonl(log_path)}
     starts = [s for s in STARTS if s == "zero-shot" or setup.scenarios[s]]
     for start in starts:
+        updates, selected = [], {}
         if start == "zero-shot":
             evaluator.apply(None)
         else:
@@ -121,9 +122,11 @@ def run_recovery(cfg: RecoveryConfig) -> Path:
                                    evaluator.device)["accuracy"]
         for k in cfg.shots:
             for seed in cfg.recovery_seeds:
+                # the merged updates' and the adapter template's weights, so a retrained update is not a logged one
                 key = json.dumps({"start": start, "k": k, "seed": seed, "steps": cfg.recovery_steps,
-                                  "lr": cfg.recovery_lr, "batch": cfg.recovery_batch_size,
-                                  "merge": summary["scenarios"].get(start, {}).get("c")}, sort_keys=True)
+                                  "lr": cfg.recovery_lr, "batch": cfg.recovery_batch_size, "merge": selected.get("c"),
+                                  "params": selected.get("params"), "updates": [u.content_hash for u in updates],
+                                  "adapter_like": first_update.content_hash}, sort_keys=True)
                 if key in done:
                     continue
                 acc = fine_tune(target.classifier, target.task, first_update, cfg, k, seed, evaluator.device)

@@ -2,9 +2,11 @@
 import csv
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from eval_scripts.evaluators import evaluator_for
 from eval_scripts.linear_search import MergeConfig, make_merger, run_merge_eval
@@ -174,29 +176,38 @@ def test_new_attackers_run_the_whole_protocol(trained_updates, tmp_path, method)
 def test_recovery_fine_tunes_each_start_and_resumes(trained_updates, tmp_path):
     from eval_scripts.recovery import RecoveryConfig, run_recovery
 
-    cfg = RecoveryConfig(target="gtsrb", protected=[str(trained_updates["gtsrb-trap2"])],
+    protected = tmp_path / "gtsrb-trap2"  # a copy: retrained in place below
+    shutil.copytree(trained_updates["gtsrb-trap2"], protected)
+    cfg = RecoveryConfig(target="gtsrb", protected=[str(protected)],
                          control=[str(trained_updates["gtsrb-plain"])], others=[str(trained_updates["mnist-plain"])],
                          coef_start=0.5, coef_stop=1.0, coef_step=0.5, patience=1, method_grid=False,
-                         shots=[4, 16], recovery_seeds=[0, 1], recovery_steps=6, output_dir=str(tmp_path),
+                         shots=[4, 16], recovery_seeds=[0, 1], recovery_steps=6, output_dir=str(tmp_path / "cell"),
                          progress=False)
     out = run_recovery(cfg)
     rows = list(csv.DictReader(open(out)))
     assert {(r["start"], r["k"]) for r in rows} == {(s, k) for s in ("protected", "control", "zero-shot")
                                                     for k in ("4", "16")}
-    records = [json.loads(l) for l in (tmp_path / "recovery.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (tmp_path / "cell" / "recovery.jsonl").read_text().splitlines()]
     assert len(records) == 12 and all(0 <= r["recovered_test"] <= 1 for r in records)
     # 16 examples move the model: the fine-tune trains (test accuracy changes from the merged model's)
     assert any(r["recovered_test"] != r["merged_test"] for r in records if r["k"] == 16)
-    assert (tmp_path / "recovery.png").stat().st_size > 0
+    assert (tmp_path / "cell" / "recovery.png").stat().st_size > 0
     # the cell's summary records its merge settings only, as the grid's cells do: no recovery option
-    recorded = json.loads((tmp_path / "summary.json").read_text())["config"]
-    assert "shots" not in recorded and recorded["coef_stop"] == 1.0 and recorded["output_dir"] == str(tmp_path)
+    recorded = json.loads((tmp_path / "cell" / "summary.json").read_text())["config"]
+    assert "shots" not in recorded and recorded["coef_stop"] == 1.0 and recorded["output_dir"] == str(tmp_path / "cell")
     import eval_scripts.recovery as rec
 
     original = rec.fine_tune
     rec.fine_tune = lambda *a, **k: pytest.fail("a finished recovery study trained again")
     try:
         run_recovery(cfg)
+        # the protected update retrained in its folder: its starts are studied again, the others' are not
+        weights = load_file(protected / "adapter_model.safetensors")
+        save_file({n: t * 0.5 if "lora_B" in n else t for n, t in weights.items()}, protected / "adapter_model.safetensors")
+        trained = []
+        rec.fine_tune = lambda *a, **k: trained.append(a[4]) or 0.5
+        run_recovery(cfg)
+        assert sorted(trained) == [4, 4, 16, 16]
     finally:
         rec.fine_tune = original
 
