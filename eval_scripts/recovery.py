@@ -108,6 +108,7 @@ def run_recovery(cfg: RecoveryConfig) -> Path:
     log_path = out / "recovery.jsonl"
     done = {r["key"]: r for r in read_jsonl(log_path)}
     starts = [s for s in STARTS if s == "zero-shot" or setup.scenarios[s]]
+    studied = []  # this study's keys: the log may also hold other settings' and superseded updates' records
     for start in starts:
         updates, selected = [], {}
         if start == "zero-shot":
@@ -127,6 +128,7 @@ def run_recovery(cfg: RecoveryConfig) -> Path:
                                   "lr": cfg.recovery_lr, "batch": cfg.recovery_batch_size, "merge": selected.get("c"),
                                   "params": selected.get("params"), "updates": [u.content_hash for u in updates],
                                   "adapter_like": first_update.content_hash}, sort_keys=True)
+                studied.append(key)
                 if key in done:
                     continue
                 acc = fine_tune(target.classifier, target.task, first_update, cfg, k, seed, evaluator.device)
@@ -135,8 +137,7 @@ def run_recovery(cfg: RecoveryConfig) -> Path:
                 append_jsonl(log_path, done[key])
                 print(f"recovery {start} k={k} seed={seed}: {100 * merged_accuracy:.1f} -> {100 * acc:.1f} %")
     evaluator.apply(None)
-    rows = write_recovery(out, [r for r in done.values() if r["start"] in starts and r["k"] in cfg.shots
-                                and r["seed"] in cfg.recovery_seeds], cfg)
+    rows = write_recovery(out, [done[key] for key in studied], cfg)
     return out / "recovery.csv" if rows else out
 
 

@@ -208,6 +208,9 @@ def test_recovery_fine_tunes_each_start_and_resumes(trained_updates, tmp_path):
         rec.fine_tune = lambda *a, **k: trained.append(a[4]) or 0.5
         run_recovery(cfg)
         assert sorted(trained) == [4, 4, 16, 16]
+        # the table reads this study's records only, not the superseded update's beside them in the log
+        rows = list(csv.DictReader(open(tmp_path / "cell" / "recovery.csv")))
+        assert {(r["recovered_mean"], r["seeds"]) for r in rows if r["start"] == "protected"} == {("50.0", "2")}
     finally:
         rec.fine_tune = original
 
