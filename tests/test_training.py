@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -450,6 +451,27 @@ def test_suite_trains_each_unprotected_run_before_the_trap2_run_whose_random_dec
     train_vision(unprotected)  # never reads the missing folder
     steps = [json.loads(l) for l in (tmp_path / "missing" / "metrics.jsonl").read_text().splitlines()]
     assert steps and not any("loss_decoy" in e for e in steps)
+
+
+def test_a_finished_run_moved_with_its_decoy_source_is_reused_and_one_with_other_decoy_weights_refused(tmp_path, capsys):
+    plain = train_vision(TrainConfig(**tiny_train_args(tmp_path / "a" / "gtsrb-plain")))
+    trap2 = TrainConfig(**tiny_train_args(tmp_path / "a" / "gtsrb-trap2", lambda_reg=0.1, decoy_lambda=0.5,
+                                          random_decoys=True, random_decoys_like=str(plain)))
+    train_vision(trap2)
+    meta = json.loads((tmp_path / "a" / "gtsrb-trap2" / METADATA_FILE).read_text())
+    assert meta["decoy_weights"] == [load_update(plain).content_hash]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # e.g. runs moved to another --runs_root
+    moved = dataclasses.replace(trap2, output_dir=str(tmp_path / "b" / "gtsrb-trap2"),
+                                random_decoys_like=str(tmp_path / "b" / "gtsrb-plain"))
+    weights = sorted((tmp_path / "b" / "gtsrb-trap2").glob("*.safetensors"))
+    before = {w.name: w.read_bytes() for w in weights}
+    capsys.readouterr()
+    train_vision(moved)
+    assert "already holds this finished update" in capsys.readouterr().out
+    assert {w.name: w.read_bytes() for w in weights} == before
+    train_vision(TrainConfig(**tiny_train_args(tmp_path / "b" / "gtsrb-plain", seed=421, overwrite=True)))
+    with pytest.raises(ValueError, match="other settings.*random_decoys_like"):
+        train_vision(moved)  # the folder's sizing run now holds other weights
 
 
 def test_a_single_run_sizes_random_decoys_by_the_unprotected_run_where_the_unprotected_command_puts_it():

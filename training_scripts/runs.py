@@ -13,7 +13,7 @@ import torch
 from models import distributed
 from models.hub import push_release
 from models.storage import FolderLock, LOCK_FILE
-from models.updates import METADATA_FILE
+from models.updates import METADATA_FILE, load_update
 from training_scripts.config import RunConfig, config_dict
 from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp
 from training_scripts.objective import ScaleSampler, Trap2Objective
@@ -25,6 +25,7 @@ BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "do
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
               "off_loss_cap", "lambda_ramp_steps", "decoy_updates", "random_decoys", "random_decoys_like",
               "decoy_lambda", "decoy_scale"}
+DECOY_FOLDERS = {"decoy_updates", "random_decoys_like"}  # compared by the weights they hold once those are recorded
 
 
 def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
@@ -37,12 +38,19 @@ def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
 _LOCKS: dict[Path, FolderLock] = {}  # run folders this process writes
 
 
-def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
+def decoy_weights(folders: list[str]) -> list[str]:
+    """The content hashes of the updates a run reads decoys from, in order: what the run's result depends on,
+    wherever those folders lie."""
+    return [load_update(folder).content_hash for folder in folders]
+
+
+def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True, decoys: list[str] | None = None) -> bool:
     """Prepares `out_dir` for `cfg`; True when it already holds this finished run (nothing to do).
 
     A folder holding another run (finished or interrupted) with other settings is refused rather
     than silently reused; --overwrite replaces it. A folder another live process writes is refused,
-    --overwrite included. `write`: False on the non-main processes.
+    --overwrite included. `write`: False on the non-main processes. `decoys`: decoy_weights of the run's
+    decoy sources; a saved run that recorded the same ones matches whatever folders they now lie in.
     """
     if write:
         release_run_dir(out_dir)  # this process's own earlier attempt, ended by an exception
@@ -55,8 +63,10 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     elif finished or (out_dir / CHECKPOINT).exists():
         meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
-        saved = json.loads(meta_path.read_text())["config"] if meta_path.exists() else config_dict(cfg)
-        differing = differing_settings(saved, config_dict(cfg), config_dict(type(cfg)()))
+        saved = json.loads(meta_path.read_text()) if meta_path.exists() else {"config": config_dict(cfg)}
+        differing = differing_settings(saved["config"], config_dict(cfg), config_dict(type(cfg)()))
+        if decoys is not None and saved.get("decoy_weights") == decoys:  # moved with the run, e.g. another --runs_root
+            differing = {k: v for k, v in differing.items() if k not in DECOY_FOLDERS}
         if differing:
             raise ValueError(f"{out_dir} holds a run with other settings ({differing}); pass --overwrite true "
                              f"to replace it or choose another --output_dir")
@@ -66,7 +76,8 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True) -> bool:
             return True
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / SETTINGS_FILE).write_text(json.dumps({"config": config_dict(cfg)}, indent=2))
+        settings = {"config": config_dict(cfg)} | ({"decoy_weights": decoys} if decoys is not None else {})
+        (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     return False
 
 

@@ -19,8 +19,8 @@ from models.vision import DataSettings, classifier_for, evaluate, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
 from training_scripts.objective import DecoyPartners, RandomDecoys
-from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
-                                   seed_everything)
+from training_scripts.runs import (build_objective, close_run_dir, decoy_weights, epoch_order, loop_settings,
+                                   open_run_dir, seed_everything)
 
 # peft asks transformers' deprecated spelling on every adapter it attaches; nothing for a user to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -134,7 +134,8 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     device = distributed.init_from_env(resolve_device(cfg.device))
     main = distributed.is_main()
     out_dir = cfg.resolved_output_dir()
-    if open_run_dir(cfg, out_dir, write=main):
+    decoys = decoy_weights(cfg.decoy_sources)
+    if open_run_dir(cfg, out_dir, write=main, decoys=decoys):
         return out_dir
     distributed.barrier()
     pin_threads(device)
@@ -146,7 +147,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
         model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
     # read before PEFT wraps the net
-    decoys = [decoy_deltas(path, base) for path in cfg.decoy_updates or []] if cfg.draws_decoys else []
+    partners = [decoy_deltas(path, base) for path in cfg.decoy_updates or []] if cfg.draws_decoys else []
     random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.draws_decoys and cfg.random_decoys else None
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
@@ -155,8 +156,8 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
         update.anchors = {n: a.to(device) for n, a in update.anchors.items()}
 
     objective = build_objective(cfg)
-    if decoys:
-        objective.attach_decoys(DecoyPartners(model.backbone.net, decoys, cfg.decoy_scale), cfg.decoy_lambda)
+    if partners:
+        objective.attach_decoys(DecoyPartners(model.backbone.net, partners, cfg.decoy_scale), cfg.decoy_lambda)
     if random_layers:  # built on the wrapped net, as DecoyPartners: D adds outside a DoRA layer's rescaling
         objective.attach_decoys(RandomDecoys(model.backbone.net, *random_layers, cfg.decoy_scale,
                                              RANDOM_DECOY_DIRECTIONS), cfg.decoy_lambda)
@@ -181,7 +182,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     metadata = {
         "task": cfg.dataset, "suite": cfg.suite, "base_model": cfg.model, "base_options": base.options,
         "base_fingerprint": base.fingerprint, "n_classes": len(task.classes), "protected": cfg.protected,
-        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg),
+        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg), "decoy_weights": decoys,
         "val_accuracy": val["accuracy"], "test_accuracy": test_by_scale["1"]["accuracy"],
         "zero_shot_test_accuracy": test_by_scale["0"]["accuracy"],
         "test_by_scale": test_by_scale, "best_step": result.best_step, "steps_run": result.steps_run,
