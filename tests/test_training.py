@@ -453,7 +453,7 @@ def test_suite_trains_each_unprotected_run_before_the_trap2_run_whose_random_dec
     assert steps and not any("loss_decoy" in e for e in steps)
 
 
-def test_a_finished_run_moved_with_its_decoy_source_is_reused_and_one_with_other_decoy_weights_refused(tmp_path, capsys):
+def test_a_finished_run_moved_with_its_decoy_source_is_reused_and_one_with_other_decoys_refused(tmp_path, capsys):
     plain = train_vision(TrainConfig(**tiny_train_args(tmp_path / "a" / "gtsrb-plain")))
     trap2 = TrainConfig(**tiny_train_args(tmp_path / "a" / "gtsrb-trap2", lambda_reg=0.1, decoy_lambda=0.5,
                                           random_decoys=True, random_decoys_like=str(plain)))

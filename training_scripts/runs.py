@@ -13,7 +13,7 @@ import torch
 from models import distributed
 from models.hub import push_release
 from models.storage import FolderLock, LOCK_FILE
-from models.updates import METADATA_FILE, load_update
+from models.updates import METADATA_FILE
 from training_scripts.config import RunConfig, config_dict
 from training_scripts.loop import CHECKPOINT, LoopSettings, resolve_amp
 from training_scripts.objective import ScaleSampler, Trap2Objective
@@ -38,19 +38,13 @@ def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
 _LOCKS: dict[Path, FolderLock] = {}  # run folders this process writes
 
 
-def decoy_weights(folders: list[str]) -> list[str]:
-    """The content hashes of the updates a run reads decoys from, in order: what the run's result depends on,
-    wherever those folders lie."""
-    return [load_update(folder).content_hash for folder in folders]
-
-
 def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True, decoys: list[str] | None = None) -> bool:
     """Prepares `out_dir` for `cfg`; True when it already holds this finished run (nothing to do).
 
     A folder holding another run (finished or interrupted) with other settings is refused rather
     than silently reused; --overwrite replaces it. A folder another live process writes is refused,
-    --overwrite included. `write`: False on the non-main processes. `decoys`: decoy_weights of the run's
-    decoy sources; a saved run that recorded the same ones matches whatever folders they now lie in.
+    --overwrite included. `write`: False on the non-main processes. `decoys`: the content hashes of the
+    updates the run reads decoys from; a saved run that recorded the same ones matches wherever they now lie.
     """
     if write:
         release_run_dir(out_dir)  # this process's own earlier attempt, ended by an exception

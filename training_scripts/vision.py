@@ -14,13 +14,13 @@ from models import distributed
 from models.backbones import load_base
 from models.layer_inputs import layer_input_grams
 from models.runtime import pin_threads, provenance, resolve_device
-from models.updates import ScaledUpdate, load_update, save_update
+from models.updates import ReleasedUpdate, ScaledUpdate, load_update, save_update
 from models.vision import DataSettings, classifier_for, evaluate, load_task
 from training_scripts.config import TrainConfig, config_dict
 from training_scripts.loop import run_loop
 from training_scripts.objective import DecoyPartners, RandomDecoys
-from training_scripts.runs import (build_objective, close_run_dir, decoy_weights, epoch_order, loop_settings,
-                                   open_run_dir, seed_everything)
+from training_scripts.runs import (build_objective, close_run_dir, epoch_order, loop_settings, open_run_dir,
+                                   seed_everything)
 
 # peft asks transformers' deprecated spelling on every adapter it attaches; nothing for a user to act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -88,17 +88,16 @@ def class_permutation(n_classes: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed))
 
 
-def decoy_deltas(path: str, base) -> dict[str, torch.Tensor]:
-    """A decoy partner's ΔW per base weight: a released update, loaded and checked against this base like any."""
-    decoy = load_update(path)
+def decoy_deltas(decoy: ReleasedUpdate, base) -> dict[str, torch.Tensor]:
+    """A decoy partner's ΔW per base weight: a released update, checked against this base like any."""
     decoy.check_base(base.fingerprint, dict(base.backbone.net.state_dict()))
     return {name: decoy.delta(name).detach().float() for name in decoy.names()}
 
 
-def random_decoy_layers(cfg: TrainConfig, base, model, task, device) -> tuple[dict, dict]:
+def random_decoy_layers(cfg: TrainConfig, sizing: ReleasedUpdate, base, model, task, device) -> tuple[dict, dict]:
     """What RandomDecoys needs, read at the base before the update is attached: the input Gram and the sizing
     run's (`cfg.random_decoys_source`) ‖ΔW‖_F of every linear layer that update changes."""
-    reference = decoy_deltas(cfg.random_decoys_source, base)
+    reference = decoy_deltas(sizing, base)
 
     def feed():
         for x, _ in task.batches("train", cfg.eval_batch_size, RANDOM_DECOY_IMAGES):
@@ -134,7 +133,8 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     device = distributed.init_from_env(resolve_device(cfg.device))
     main = distributed.is_main()
     out_dir = cfg.resolved_output_dir()
-    decoys = decoy_weights(cfg.decoy_sources)
+    sources = {folder: load_update(folder) for folder in cfg.decoy_sources}  # read once: their weights identify the run
+    decoys = [sources[folder].content_hash for folder in cfg.decoy_sources]
     if open_run_dir(cfg, out_dir, write=main, decoys=decoys):
         return out_dir
     distributed.barrier()
@@ -147,8 +147,9 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     if cfg.shuffle_classes is not None:  # class c's images must land on class π(c)'s prototype
         model.head = model.head[class_permutation(len(task.classes), cfg.shuffle_classes).to(model.head.device)]
     # read before PEFT wraps the net
-    partners = [decoy_deltas(path, base) for path in cfg.decoy_updates or []] if cfg.draws_decoys else []
-    random_layers = random_decoy_layers(cfg, base, model, task, device) if cfg.draws_decoys and cfg.random_decoys else None
+    partners = [decoy_deltas(sources[folder], base) for folder in cfg.decoy_updates or []] if cfg.draws_decoys else []
+    random_layers = (random_decoy_layers(cfg, sources[cfg.random_decoys_source], base, model, task, device)
+                     if cfg.draws_decoys and cfg.random_decoys else None)
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
