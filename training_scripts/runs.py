@@ -38,12 +38,13 @@ def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
 _LOCKS: dict[Path, FolderLock] = {}  # run folders this process writes
 
 
-def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True, decoys: list[str] | None = None) -> bool:
+def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True,
+                 decoy_weights: list[str] | None = None) -> bool:
     """Prepares `out_dir` for `cfg`; True when it already holds this finished run (nothing to do).
 
     A folder holding another run (finished or interrupted) with other settings is refused rather
     than silently reused; --overwrite replaces it. A folder another live process writes is refused,
-    --overwrite included. `write`: False on the non-main processes. `decoys`: the content hashes of the
+    --overwrite included. `write`: False on the non-main processes. `decoy_weights`: the content hashes of the
     updates the run reads decoys from; a saved run that recorded the same ones matches wherever they now lie.
     """
     if write:
@@ -59,7 +60,8 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True, decoys: list
         meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
         saved = json.loads(meta_path.read_text()) if meta_path.exists() else {"config": config_dict(cfg)}
         differing = differing_settings(saved["config"], config_dict(cfg), config_dict(type(cfg)()))
-        if decoys is not None and saved.get("decoy_weights") == decoys:  # moved with the run, e.g. another --runs_root
+        # the same decoy weights in other folders: runs moved together, e.g. to another --runs_root
+        if decoy_weights is not None and saved.get("decoy_weights") == decoy_weights:
             differing = {k: v for k, v in differing.items() if k not in DECOY_FOLDERS}
         if differing:
             raise ValueError(f"{out_dir} holds a run with other settings ({differing}); pass --overwrite true "
@@ -70,7 +72,9 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True, decoys: list
             return True
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"config": config_dict(cfg)} | ({"decoy_weights": decoys} if decoys is not None else {})
+        settings = {"config": config_dict(cfg)}
+        if decoy_weights is not None:
+            settings["decoy_weights"] = decoy_weights
         (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     return False
 

@@ -134,8 +134,8 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     main = distributed.is_main()
     out_dir = cfg.resolved_output_dir()
     sources = {folder: load_update(folder) for folder in cfg.decoy_sources}  # read once: their weights identify the run
-    decoys = [sources[folder].content_hash for folder in cfg.decoy_sources]
-    if open_run_dir(cfg, out_dir, write=main, decoys=decoys):
+    decoy_weights = [sources[folder].content_hash for folder in cfg.decoy_sources]
+    if open_run_dir(cfg, out_dir, write=main, decoy_weights=decoy_weights):
         return out_dir
     distributed.barrier()
     pin_threads(device)
@@ -183,7 +183,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     metadata = {
         "task": cfg.dataset, "suite": cfg.suite, "base_model": cfg.model, "base_options": base.options,
         "base_fingerprint": base.fingerprint, "n_classes": len(task.classes), "protected": cfg.protected,
-        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg), "decoy_weights": decoys,
+        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg), "decoy_weights": decoy_weights,
         "val_accuracy": val["accuracy"], "test_accuracy": test_by_scale["1"]["accuracy"],
         "zero_shot_test_accuracy": test_by_scale["0"]["accuracy"],
         "test_by_scale": test_by_scale, "best_step": result.best_step, "steps_run": result.steps_run,
