@@ -370,13 +370,15 @@ def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
     """Zero-shot on every task, and each update alone on its own task (its standalone accuracy, which
     normalises the merged accuracies), per split.
 
-    It does not depend on the merge method or space: one log per target folder, shared by the cells.
+    It does not depend on the merge method or space: one log per target folder, shared by the cells. The log
+    keys the updates by their weights (`content_hash`), as the merge points, so updates moved to other folders
+    reuse it; the returned "alone" names each update by its folder.
     """
     pre_log = PointLog(setup.out.parent / "pre_merge.jsonl")
     evaluator, all_updates = setup.evaluator, setup.all_updates
     pre = {"zero_shot": {}, "alone": {}}
     for split in ("val", "test"):
-        key = _key(phase="pre-merge", split=split, updates=[(str(u.path), u.content_hash) for u in all_updates],
+        key = _key(phase="pre-merge", split=split, updates=[u.content_hash for u in all_updates],
                    val_limit=cfg.val_limit if split == "val" else None, data=evaluator.data_key,
                    protocol=PROTOCOL_VERSION)
         if key not in pre_log.done:
@@ -384,10 +386,10 @@ def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
             rec = {"zero_shot": evaluator.all_tasks(split), "alone": {}}
             for u in all_updates:
                 evaluator.apply({n: u.delta(n) for n in u.names()}, 1.0)
-                rec["alone"][str(u.path)] = {u.task: evaluator.accuracy(u.task, split)}
+                rec["alone"][u.content_hash] = {u.task: evaluator.accuracy(u.task, split)}
             pre_log.write({"key": key, "phase": "pre-merge", "split": split, **rec})
         pre["zero_shot"][split] = pre_log.done[key]["zero_shot"]
-        pre["alone"][split] = pre_log.done[key]["alone"]
+        pre["alone"][split] = {str(u.path): pre_log.done[key]["alone"][u.content_hash] for u in all_updates}
     return pre
 
 
