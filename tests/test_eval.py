@@ -201,6 +201,28 @@ def test_a_retrained_update_in_the_same_folder_is_not_served_from_the_log(traine
     assert len((tmp_path / "merge" / "points.jsonl").read_text().splitlines()) == 3 * n_points
 
 
+def test_updates_moved_to_other_folders_reuse_the_logged_pre_merge_pass_and_points(trained_updates, tmp_path):
+    import shutil
+
+    moved = {}
+    for name, path in trained_updates.items():
+        moved[name] = tmp_path / "moved" / name
+        shutil.copytree(path, moved[name])
+    out = tmp_path / "sweeps" / "tv-full"
+    first = json.loads((run_merge_eval(merge_cfg(trained_updates, out, method_grid=False)) / "summary.json").read_text())
+    pre_log, points = (out.parent / "pre_merge.jsonl").read_text(), (out / "points.jsonl").read_text()
+    again = json.loads((run_merge_eval(merge_cfg(moved, out, method_grid=False)) / "summary.json").read_text())
+    assert (out.parent / "pre_merge.jsonl").read_text() == pre_log  # nothing evaluated again
+    assert (out / "points.jsonl").read_text() == points
+    for split in ("val", "test"):
+        assert again["pre_merge"]["alone"][split] == {str(moved[name]): first["pre_merge"]["alone"][split][str(path)]
+                                                      for name, path in trained_updates.items()}
+    for scenario, chosen in again["scenarios"].items():
+        assert all(Path(u).parent == tmp_path / "moved" for u in chosen.pop("updates"))  # named by where they lie now
+        first["scenarios"][scenario].pop("updates")
+    assert again["scenarios"] == first["scenarios"]
+
+
 def test_cells_of_a_merge_set_share_evaluations(trained_updates, tmp_path, monkeypatch):
     """Task Arithmetic in core space merges to the full-space cell's weights, so it reads that cell's
     evaluations and scores nothing itself, with the same selections; within a cell, the adaptive attacker's
