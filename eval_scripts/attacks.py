@@ -7,6 +7,8 @@ protected + every other task unprotected, against the all-unprotected control) a
 
 Cells land beside the main grid's (merge/seed<N>/<group>/<method>-full/), so results/tables.md lists
 them; attacks.{md,json} give each cell's verdict against the paper's bars and the recovery curve.
+`--claims_split val` judges the same cells on validation, for choosing a default against these attackers:
+attacks-val.json only (no recovery, no table, no test number printed).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.recovery import RecoveryConfig, RecoveryOptions, run_recovery
 from eval_scripts.reproduce import (ReproduceConfig, CellResults, merge_claims, merge_root, merge_size,
-                                    results_folder, target_scenario)
+                                    print_claims, results_folder, target_scenario)
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, resolve_device, run_cli
@@ -38,7 +40,6 @@ class AttacksConfig(ReproduceConfig, RecoveryOptions):
     partners: list[str] | None = option(None, "two-task merges: the target with each of these (default: all others)")
     statistics_examples: int = option(128, "RegMean / Chain of Merges: unlabelled training examples per task")
     recovery_method: str = option("tv", "the all-task cell (method, full space) whose selected merges are fine-tuned")
-    claims_splits = ("test",)  # attacks.md and the recovery curve report test
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,20 +142,30 @@ def attacks(cfg: AttacksConfig) -> Path:
     pin_threads(resolve_device(cfg.device))
     cells = attack_cells(cfg, tasks)
     recovery = recovery_config(cfg, tasks)
+    report = cfg.claims_split == "test"  # choosing on val: the cells' verdicts alone, no test number
+    recovery_csv = Path(recovery.output_dir) / "recovery.csv"
     if cfg.report_only:  # --report_only (ReproduceConfig): the report from what is on disk
-        recovery_csv = Path(recovery.output_dir) / "recovery.csv"
         missing = [c.output_dir for c in cells if not (Path(c.output_dir) / "summary.json").exists()]
-        if missing or not recovery_csv.exists():
-            raise FileNotFoundError(f"--report_only: {missing[0] if missing else recovery_csv} is missing; run "
-                                    f"without --report_only to compute it")
+        missing += [str(recovery_csv)] if report and not recovery_csv.exists() else []
+        if missing:
+            raise FileNotFoundError(f"--report_only: {missing[0]} is missing; run without --report_only to "
+                                    f"compute it")
     else:
-        train_suite_runs(cfg)  # the runs only: the standalone table is command 1's, written with its settings
+        train_suite_runs(cfg, report)  # the runs only: the standalone table is command 1's, written with its settings
         run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir),
                   cfg.jobs or default_jobs(cfg.device))
-        recovery_csv = run_recovery(recovery)
+        if report:
+            run_recovery(recovery)
     folder = results_folder(cfg)
-    build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     claims = merge_claims(cfg, attack_results(cfg, tasks))
+    if not report:
+        out = folder / "attacks-val.json"
+        out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": "val",
+                                   "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims)},
+                                  indent=2))
+        print_claims(claims, "val", out)
+        return out
+    build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     out = write_report(cfg, claims, recovery_csv, folder)
     print(out.read_text())
     return out

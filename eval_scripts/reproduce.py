@@ -297,6 +297,14 @@ def plot_merges(cfg: ReproduceConfig, n_tasks: int, results: list[CellResults], 
     plt.close(fig)
 
 
+def print_claims(claims: list[dict], split: str, out: Path) -> None:
+    """The closing summary: claim by claim, whether it holds on `split`, and what it misses."""
+    print(f"\nClaims on {'test' if split == 'test' else 'validation'} ({sum(c['holds'] for c in claims)} of "
+          f"{len(claims)} hold; numbers in {out}):")
+    for c in claims:
+        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(f"; not {u}" for u in c["unmet"]))
+
+
 def reproduce(cfg: ReproduceConfig) -> Path:
     start = time.time()
     tasks = cfg.tasks or list(PAPER_TASKS)
@@ -334,10 +342,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     if report:  # after claims.json: the tables show it
         build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
         plot_merges(cfg, len(tasks), results, folder)
-    print(f"\nClaims on {'test' if report else 'validation'} ({sum(c['holds'] for c in claims)} of {len(claims)} "
-          f"hold; numbers in {out}):")
-    for c in claims:
-        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(f"; not {u}" for u in c["unmet"]))
+    print_claims(claims, cfg.claims_split, out)
     print(f"reproduction finished in {time.time() - start:.0f} s")
     return out
 

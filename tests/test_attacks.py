@@ -259,3 +259,15 @@ def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path, 
         monkeypatch.setattr(att, name, refuse)
     out.unlink()
     assert attacks(dataclasses.replace(cfg, report_only=True)).read_text() == text
+
+    # --claims_split val: the same cells judged on validation, for choosing; no recovery, no test number printed
+    reports = []
+    monkeypatch.setattr(att, "train_suite_runs", lambda run_cfg, report=True: reports.append(report))
+    monkeypatch.setattr(att, "run_cells", lambda cells, jobs: None)
+    judged_file = attacks(dataclasses.replace(cfg, claims_split="val"))
+    judged = json.loads(judged_file.read_text())
+    assert reports == [False] and judged_file.name == "attacks-val.json" and judged["split"] == "val"
+    assert [c["claim"] for c in judged["claims"]] == [c["claim"] for c in report["claims"]]
+    assert judged["claims"][1]["protected"]["mean"] == pytest.approx(
+        100 * summary["scenarios"]["protected"]["val"]["gtsrb"])
+    assert out.read_text() == text  # the test report is left as it was

@@ -406,18 +406,18 @@ def test_claims_at_their_bar_hold_although_float_arithmetic_breaks_the_tie():
     assert merge_claims(cfg, short)[0]["unmet"] == ["control keeps 29.98% ≥ 30% of its gain"]
 
 
-def test_claims_split_is_checked_and_only_reproduce_judges_on_validation():
+def test_claims_split_is_checked_and_only_reproduce_and_attacks_judge_on_validation():
     from eval_scripts.attacks import AttacksConfig
     from eval_scripts.defences import DefencesConfig
     from eval_scripts.reproduce import ReproduceConfig
 
-    assert ReproduceConfig(claims_split="val").claims_split == "val"
-    with pytest.raises(ValueError, match="--claims_split must be test or val"):
-        ReproduceConfig(claims_split="train")
-    for reports_test in (AttacksConfig, DefencesConfig):
-        assert reports_test().claims_split == "test"
-        with pytest.raises(ValueError, match="--claims_split must be test for this command"):
-            reports_test(claims_split="val")
+    for chooses in (ReproduceConfig, AttacksConfig):
+        assert chooses().claims_split == "test" and chooses(claims_split="val").claims_split == "val"
+        with pytest.raises(ValueError, match="--claims_split must be test or val"):
+            chooses(claims_split="train")
+    assert DefencesConfig().claims_split == "test"
+    with pytest.raises(ValueError, match="--claims_split must be test for this command"):
+        DefencesConfig(claims_split="val")
 
 
 def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():
