@@ -209,7 +209,8 @@ def test_updates_moved_to_other_folders_reuse_the_logged_pre_merge_pass_and_poin
         moved[name] = tmp_path / "moved" / name
         shutil.copytree(path, moved[name])
     out = tmp_path / "sweeps" / "tv-full"
-    first = json.loads((run_merge_eval(merge_cfg(trained_updates, out, method_grid=False)) / "summary.json").read_text())
+    first = json.loads((run_merge_eval(merge_cfg(trained_updates, out, method_grid=False)) / "summary.json")
+                       .read_text())
     pre_log, points = (out.parent / "pre_merge.jsonl").read_text(), (out / "points.jsonl").read_text()
     again = json.loads((run_merge_eval(merge_cfg(moved, out, method_grid=False)) / "summary.json").read_text())
     assert (out.parent / "pre_merge.jsonl").read_text() == pre_log  # nothing evaluated again
