@@ -23,7 +23,7 @@ from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.recovery import RecoveryConfig, RecoveryOptions, run_recovery
 from eval_scripts.reproduce import (ReproduceConfig, CellResults, merge_claims, merge_root, merge_size,
-                                    print_claims, results_folder, target_scenario)
+                                    print_claims, results_folder, target_scenario, write_claims)
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, resolve_device, run_cli
@@ -159,10 +159,7 @@ def attacks(cfg: AttacksConfig) -> Path:
     folder = results_folder(cfg)
     claims = merge_claims(cfg, attack_results(cfg, tasks))
     if not report:
-        out = folder / "attacks-val.json"
-        out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": "val",
-                                   "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims)},
-                                  indent=2))
+        out = write_claims(folder / "attacks-val.json", cfg, claims)
         print_claims(claims, "val", out)
         return out
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))

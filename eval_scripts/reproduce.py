@@ -297,6 +297,14 @@ def plot_merges(cfg: ReproduceConfig, n_tasks: int, results: list[CellResults], 
     plt.close(fig)
 
 
+def write_claims(out: Path, cfg: ReproduceConfig, claims: list[dict], **extra) -> Path:
+    """The claims judged on `cfg.claims_split`, with the settings and seeds they were judged on."""
+    out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": cfg.claims_split,
+                               "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims), **extra},
+                              indent=2))
+    return out
+
+
 def print_claims(claims: list[dict], split: str, out: Path) -> None:
     """The closing summary: claim by claim, whether it holds on `split`, and what it misses."""
     print(f"\nClaims on {'test' if split == 'test' else 'validation'} ({sum(c['holds'] for c in claims)} of "
@@ -334,11 +342,8 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     base_fingerprint = (runs_provenance(cfg, tasks)[0] if runs_on_disk else
                         read_standalone_table(cfg, tasks)["provenance"]["base_fingerprint"])
     claims = [cost_claim(standalone_costs(cfg, tasks), len(tasks))] + merge_claims(cfg, results)
-    out = folder / ("claims.json" if report else "claims-val.json")
-    out.write_text(json.dumps({"config": dataclasses.asdict(cfg), "seeds": suite_seeds(cfg), "split": cfg.claims_split,
-                               "claims": claims, "holds": sum(c["holds"] for c in claims), "of": len(claims),
-                               "seconds": round(time.time() - start),
-                               "provenance": provenance(base_fingerprint)}, indent=2))
+    out = write_claims(folder / ("claims.json" if report else "claims-val.json"), cfg, claims,
+                       seconds=round(time.time() - start), provenance=provenance(base_fingerprint))
     if report:  # after claims.json: the tables show it
         build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
         plot_merges(cfg, len(tasks), results, folder)
