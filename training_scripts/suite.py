@@ -292,7 +292,7 @@ def write_standalone_table(cfg: SuiteConfig, tasks: list[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     over = f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"
     departures = f", off-scale loss capped at {cfg.off_loss_cap:g}" if cfg.off_loss_cap is not None else ""
-    if cfg.decoy_lambda and (cfg.random_decoys or cfg.decoy_updates or cfg.decoys):
+    if cfg.has_decoys:  # which goes with decoy_lambda > 0 (checked by the config)
         kind = "random decoys" if cfg.random_decoys else "decoy partners"
         departures += f", {kind} at λ_d = {cfg.decoy_lambda:g} (m ∈ [{cfg.decoy_scale[0]:g}, {cfg.decoy_scale[1]:g}])"
     lines = [f"Standalone test accuracy (%) of {cfg.model} {cfg.peft} updates at scale s (W0 + s·ΔW); "
