@@ -151,7 +151,9 @@ def attacks(cfg: AttacksConfig) -> Path:
             raise FileNotFoundError(f"--report_only: {missing[0]} is missing; run without --report_only to "
                                     f"compute it")
     else:
-        train_suite_runs(cfg, report)  # the runs only: the standalone table is command 1's, written with its settings
+        # the runs its merges read: every plain update and the target's Trap² one (the standalone table is
+        # command 1's, written with its settings)
+        train_suite_runs(cfg, report, protected_tasks=[cfg.target])
         run_cells(sorted(cells, key=lambda cell: "all-tasks" not in cell.output_dir),
                   cfg.jobs or default_jobs(cfg.device))
         if report:

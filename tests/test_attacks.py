@@ -248,6 +248,11 @@ def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path, 
     assert "| peft_cat/full |" in text and "Few-shot recovery" in text
     assert "Few-shot recovery" in (out.parent / "tables.md").read_text()
     assert not (out.parent / "standalone.json").exists()  # the runs trained, command 1's table left to it
+    from models.updates import METADATA_FILE
+    from training_scripts.suite import run_dir
+    trained = {(task, protected) for task in ("gtsrb", "mnist") for protected in (False, True)
+               if (run_dir(cfg, task, protected, 420) / METADATA_FILE).is_file()}
+    assert trained == {("gtsrb", False), ("gtsrb", True), ("mnist", False)}  # no Trap² run the merges never read
 
     # --report_only rebuilds the report from disk, merging and training nothing
     import eval_scripts.attacks as att
@@ -262,7 +267,7 @@ def test_the_attacks_command_runs_every_stage_and_reports_each_attack(tmp_path, 
 
     # --claims_split val: the same cells judged on validation, for choosing; no recovery, no test number printed
     reports = []
-    monkeypatch.setattr(att, "train_suite_runs", lambda run_cfg, report=True: reports.append(report))
+    monkeypatch.setattr(att, "train_suite_runs", lambda run_cfg, report, protected_tasks: reports.append(report))
     monkeypatch.setattr(att, "run_cells", lambda cells, jobs: None)
     judged_file = attacks(dataclasses.replace(cfg, claims_split="val"))
     judged = json.loads(judged_file.read_text())

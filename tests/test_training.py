@@ -423,6 +423,9 @@ def test_suite_trains_label_shuffled_decoys_first_and_gives_them_to_each_trap2_r
     assert meta["config"]["decoy_updates"] == trap2.decoy_updates
     steps = [json.loads(l) for l in (tmp_path / trap2.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_decoy" in e for e in steps)
+    only_target = suite_runs(cfg, ["gtsrb", "mnist"], protected_tasks=["mnist"])  # e.g. an attack on mnist
+    assert [(r.dataset, r.lambda_reg > 0, r.shuffle_classes) for r in only_target] == [
+        ("mnist", False, 1), ("mnist", False, 2), ("mnist", True, None), ("gtsrb", False, None), ("mnist", False, None)]
     missing = TrainConfig(**tiny_train_args(tmp_path / "missing", lambda_reg=0.1, decoy_lambda=0.5,
                                             decoy_updates=[str(tmp_path / "nowhere")]))
     with pytest.raises(UpdateError, match="nowhere"):

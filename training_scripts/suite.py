@@ -87,9 +87,11 @@ def _suite_folder(root: Path, cfg: SuiteConfig) -> Path:
     return root / cfg.suite / cfg.model / cfg.peft
 
 
-def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
+def suite_runs(cfg: SuiteConfig, tasks: list[str], protected_tasks: list[str] | None = None) -> list[TrainConfig]:
     """Every run of the suite: the decoys (--decoys) first, as the Trap² runs read them; then the protected
-    (longer: 1 + K passes a step) ones, so parallel workers finish together."""
+    (longer: 1 + K passes a step) ones, so parallel workers finish together. `protected_tasks` (default: all)
+    limits the Trap² runs and their decoys to the tasks a caller merges protected."""
+    protected_tasks = tasks if protected_tasks is None else protected_tasks
     base_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in base_fields}
     unprotected = {"lambda_reg": 0.0, "decoy_updates": None, "random_decoys": False, "decoy_lambda": 0.0}
@@ -99,11 +101,12 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str]) -> list[TrainConfig]:
 
     decoys = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed, "shuffle_classes": k,
                              "output_dir": folder})
-              for seed in suite_seeds(cfg) for task in tasks for k, folder in enumerate(decoy_dirs(task, seed), 1)]
+              for seed in suite_seeds(cfg) for task in protected_tasks
+              for k, folder in enumerate(decoy_dirs(task, seed), 1)]
     protected = [TrainConfig(**{**shared, "dataset": task, "seed": seed, "output_dir": str(run_dir(cfg, task, True, seed)),
                                 **({"decoy_updates": decoy_dirs(task, seed)} if cfg.decoys else {}),
                                 **({"random_decoys_like": str(run_dir(cfg, task, False, seed))} if cfg.random_decoys else {})})
-                 for seed in suite_seeds(cfg) for task in tasks]
+                 for seed in suite_seeds(cfg) for task in protected_tasks]
     plain = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed,
                             "output_dir": str(run_dir(cfg, task, False, seed))})
              for seed in suite_seeds(cfg) for task in tasks]
@@ -176,11 +179,11 @@ def train_runs(runs: list[TrainConfig], jobs: int, report: bool = True) -> None:
                      lambda run: Path(run.output_dir).name)
 
 
-def train_suite_runs(cfg: SuiteConfig, report: bool = True) -> list[str]:
-    """Every run of the suite (finished ones are kept); its tasks. `report` false (choosing on validation)
-    prints no test number."""
+def train_suite_runs(cfg: SuiteConfig, report: bool = True, protected_tasks: list[str] | None = None) -> list[str]:
+    """Every run of the suite (finished ones are kept), the Trap² ones only for `protected_tasks` (default:
+    all); its tasks. `report` false (choosing on validation) prints no test number."""
     tasks = cfg.tasks or list(PAPER_TASKS)
-    runs = suite_runs(cfg, tasks)
+    runs = suite_runs(cfg, tasks, protected_tasks)
     prepare_bases(cfg, runs)
     train_runs(runs, cfg.jobs or default_jobs(cfg.device), report)
     return tasks
