@@ -64,7 +64,9 @@ def build_workload(name: str):
     from training_scripts.config import TrainConfig
     from training_scripts.runs import build_objective
     from training_scripts.suite import SuiteConfig
-    from training_scripts.vision import attach_update
+    from models.layer_inputs import layer_input_grams
+    from training_scripts.objective import RandomDecoys
+    from training_scripts.vision import RANDOM_DECOY_DIRECTIONS, attach_update
 
     config, protected = WORKLOADS[name]
     suite = parse_config(SuiteConfig, ["--config", str(ROOT / config)])
@@ -79,12 +81,20 @@ def build_workload(name: str):
     with torch.no_grad():
         dim = backbone(torch.zeros(1, 3, 32, 32)).shape[-1]
     model = ZeroShotClassifier(backbone, torch.randn(N_CLASSES, dim))
-    update = attach_update(model, cfg)
-    objective = build_objective(cfg)
-    objective.replay_dropout(model)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), generator=g, dtype=torch.uint8)
     batch = ((images.float() / 255 - 0.5) / 0.5, torch.randint(0, N_CLASSES, (cfg.batch_size,), generator=g))
+    decoy_grams = None
+    if protected and cfg.random_decoys:  # the decoy pass is a step's work too; D's values do not change its cost
+        targets = cfg.lora_targets or backbone.spec.lora_targets
+        names = [n for n in net.state_dict() if n.endswith(".weight") and n.split(".")[-2] in targets]
+        decoy_grams = layer_input_grams(net, names, lambda: model(batch[0]))
+    update = attach_update(model, cfg)
+    objective = build_objective(cfg)
+    if decoy_grams:
+        objective.attach_decoys(RandomDecoys(model.backbone.net, decoy_grams, dict.fromkeys(decoy_grams, 1.0),
+                                             cfg.decoy_scale, RANDOM_DECOY_DIRECTIONS), cfg.decoy_lambda)
+    objective.replay_dropout(model)
     return model, update, objective, batch, cfg
 
 

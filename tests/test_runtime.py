@@ -148,3 +148,16 @@ def test_killing_the_suite_also_ends_its_worker_processes(tmp_path):
     for pid in orphans:  # leave no sleeper behind when the assertion below fails
         os.kill(pid, signal.SIGKILL)
     assert not orphans
+
+
+def test_the_throughput_benchmark_times_the_default_trap2_step_with_its_decoy_pass():
+    from benchmarks.throughput import build_workload, step_flops
+    from training_scripts.objective import RandomDecoys
+
+    *_, objective, _, cfg = build_workload("vit-lora-trap2")
+    assert cfg.random_decoys and isinstance(objective.decoys, RandomDecoys) and objective.decoy_lambda == cfg.decoy_lambda
+    trap2, _ = step_flops("vit-lora-trap2")
+    plain, _ = step_flops("vit-lora-plain")
+    # the nominal pass and K off-scale ones are 1 + K plain steps' work; the decoy pass at least one more (its D is a
+    # dense matrix beside each LoRA layer, so it costs more than a LoRA pass)
+    assert trap2 / plain >= 1 + cfg.scale_samples + 1
