@@ -58,7 +58,7 @@ def defended_dir(cfg: DefencesConfig, task: str, defence: str, seed: int) -> Pat
 def defend_suite(cfg: DefencesConfig, tasks: list[str], defences: list[Defence]) -> None:
     """Trains the unprotected runs (finished ones are skipped) and defends each; a defended folder with its
     metadata is finished (the metadata is written after the weights)."""
-    plain_runs = [run for run in suite_runs(cfg, tasks) if run.lambda_reg == 0 and run.shuffle_classes is None]
+    plain_runs = suite_runs(cfg, tasks, protected_tasks=[])
     prepare_bases(cfg, plain_runs)
     train_runs(plain_runs, cfg.jobs or default_jobs(cfg.device))
     options = DefenceOptions(cfg.strength, cfg.rank_per_head)
