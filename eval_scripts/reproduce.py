@@ -54,7 +54,8 @@ def _at_most(value: float, bar: float) -> bool:
 @dataclass
 class ReproduceConfig(SuiteConfig):
     target: str = option("gtsrb", "the protected task of the merge scenarios")
-    val_limit: int | None = option(250, "the coefficient search reads the first N validation images per task")
+    val_limit: int | None = option(
+        None, "the coefficient search reads the first N validation images per task (none: all, the paper's protocol)")
     adaptive: bool = option(True, "also search a separate coefficient for the target (all-task grid)")
     merge_methods: list[str] | None = option(None, "methods of the all-task grid; default: the paper's five")
     merge_spaces: list[str] | None = option(None, "spaces of the all-task grid; default: full, knots, core")
