@@ -421,6 +421,17 @@ def test_claims_split_is_checked_and_only_reproduce_and_attacks_judge_on_validat
         DefencesConfig(claims_split="val")
 
 
+def test_reproduce_searches_every_validation_image_unless_told(tmp_path):
+    """The paper's protocol: the merge coefficient is chosen on the whole validation split."""
+    from eval_scripts.reproduce import ReproduceConfig, merge_cells
+
+    cfg = ReproduceConfig(tasks=["gtsrb", "mnist", "svhn"], runs_root=str(tmp_path), results=str(tmp_path / "s"))
+    cells = merge_cells(cfg, cfg.tasks)
+    assert cells and {c.val_limit for c in cells} == {None}
+    limited = merge_cells(dataclasses.replace(cfg, val_limit=250), cfg.tasks)
+    assert len(limited) == len(cells) and {c.val_limit for c in limited} == {250}
+
+
 def test_patient_search_keeps_the_first_of_a_tie_and_stops_after_patience():
     from eval_scripts.linear_search import patient_search
 
