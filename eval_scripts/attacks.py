@@ -22,8 +22,8 @@ from pathlib import Path
 from dataset.offline import PAPER_TASKS
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.recovery import RecoveryConfig, RecoveryOptions, run_recovery
-from eval_scripts.reproduce import (ReproduceConfig, CellResults, merge_claims, merge_root, merge_size,
-                                    print_claims, results_folder, target_scenario, write_claims)
+from eval_scripts.reproduce import (ReproduceConfig, CellResults, cell_results, merge_claims, merge_root, print_claims,
+                                    results_folder, target_scenario, write_claims)
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, resolve_device, run_cli
@@ -62,14 +62,7 @@ def attack_cells(cfg: AttacksConfig, tasks: list[str]) -> list:
 
 
 def attack_results(cfg: AttacksConfig, tasks: list[str]) -> list[CellResults]:
-    seeds = suite_seeds(cfg)
-    out = []
-    for cell in attack_cells(dataclasses.replace(cfg, seeds=seeds[:1]), tasks):
-        group, folder = Path(cell.output_dir).parent.name, Path(cell.output_dir).name
-        out.append(CellResults(group, f"{cell.merge_method}/{cell.merge_space}", merge_size(group, len(tasks)),
-                               [json.loads((merge_root(cfg, seed, group) / folder / "summary.json").read_text())
-                                for seed in seeds]))
-    return out
+    return cell_results(cfg, attack_cells(dataclasses.replace(cfg, seeds=suite_seeds(cfg)[:1]), tasks), len(tasks))
 
 
 def recovery_config(cfg: AttacksConfig, tasks: list[str]) -> RecoveryConfig:

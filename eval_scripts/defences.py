@@ -21,8 +21,8 @@ from dataset.offline import PAPER_TASKS
 from eval_scripts.evaluators import evaluator_for
 from eval_scripts.grid import GridConfig, grid_cells, run_cells
 from eval_scripts.linear_search import MergeConfig
-from eval_scripts.reproduce import (CellResults, ReproduceConfig, all_task_claim, merge_root, results_folder,
-                                    target_scenario)
+from eval_scripts.reproduce import (CellResults, ReproduceConfig, all_task_claim, merge_root, read_summaries,
+                                    results_folder, target_scenario)
 from eval_scripts.tables import TablesConfig, build_tables
 from models.defences import DEFENCES, Defence, DefenceOptions, defend_update
 from models.options import option, parse_config
@@ -136,11 +136,9 @@ def merge_claims(cfg: DefencesConfig, tasks: list[str], defences: list[Defence])
     for cell in grid_cells(GridConfig(target=cfg.target, methods=cfg.merge_methods, spaces=cfg.merge_spaces)):
         folder, name = f"{cell.merge_method}-{cell.merge_space}", f"{cell.merge_method}/{cell.merge_space}"
         for title, group in protection_groups(cfg, defences).items():
-            paths = [merge_root(cfg, seed, group) / folder / "summary.json" for seed in seeds]
-            if all(p.exists() for p in paths):
-                summaries = [json.loads(p.read_text()) for p in paths]
-                out.setdefault(name, {})[title] = all_task_claim(cfg.target, CellResults(group, name, len(tasks),
-                                                                                         summaries))
+            if all((merge_root(cfg, seed, group) / folder / "summary.json").exists() for seed in seeds):
+                out.setdefault(name, {})[title] = all_task_claim(cfg.target, CellResults(
+                    group, name, len(tasks), read_summaries(cfg, group, folder)))
     return out
 
 

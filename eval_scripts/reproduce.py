@@ -166,15 +166,38 @@ class CellResults:
                 for s in self.per_seed]
 
 
-def merge_results(cfg: ReproduceConfig, tasks: list[str]) -> list[CellResults]:
-    seeds = suite_seeds(cfg)
+def _images(val_limit: int | None) -> str:
+    return "every validation image" if val_limit is None else f"the first {val_limit} validation images"
+
+
+def read_summaries(cfg: ReproduceConfig, group: str, folder: str) -> list[dict]:
+    """A merge cell's summary.json for every seed, each searched on the validation images this command reads (a
+    report never mixes two searches)."""
     out = []
-    for cell in merge_cells(dataclasses.replace(cfg, seeds=seeds[:1]), tasks):  # one entry per group × cell
-        group, folder = Path(cell.output_dir).parent.name, Path(cell.output_dir).name
-        out.append(CellResults(group, f"{cell.merge_method}/{cell.merge_space}", merge_size(group, len(tasks)),
-                               [json.loads((merge_root(cfg, seed, group) / folder / "summary.json").read_text())
-                                for seed in seeds]))
+    for seed in suite_seeds(cfg):
+        path = merge_root(cfg, seed, group) / folder / "summary.json"
+        summary = json.loads(path.read_text())
+        searched = summary["config"]["val_limit"]
+        if searched != cfg.val_limit:
+            raise ValueError(f"{path} was searched on {_images(searched)}, this command reads {_images(cfg.val_limit)}"
+                             f": pass --val_limit {'none' if searched is None else searched} to report it, or "
+                             f"evaluate it again with this --val_limit (without --report_only)")
+        out.append(summary)
     return out
+
+
+def cell_results(cfg: ReproduceConfig, cells: list, n_tasks: int) -> list[CellResults]:
+    """Every seed's summaries of the given cells (those of one seed: one entry per group × cell)."""
+    out = []
+    for cell in cells:
+        group, folder = Path(cell.output_dir).parent.name, Path(cell.output_dir).name
+        out.append(CellResults(group, f"{cell.merge_method}/{cell.merge_space}", merge_size(group, n_tasks),
+                               read_summaries(cfg, group, folder)))
+    return out
+
+
+def merge_results(cfg: ReproduceConfig, tasks: list[str]) -> list[CellResults]:
+    return cell_results(cfg, merge_cells(dataclasses.replace(cfg, seeds=suite_seeds(cfg)[:1]), tasks), len(tasks))
 
 
 def cost_claim(costs: list[float], n_tasks: int) -> dict:

@@ -321,6 +321,9 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     (folder / "claims.json").unlink()
     without_runs = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
     assert without_runs["claims"] == report["claims"]
+    with pytest.raises(ValueError, match="searched on the first 32 validation images, this command reads every "
+                                         "validation image: pass --val_limit 32"):
+        reproduce(dataclasses.replace(cfg, report_only=True, val_limit=None))  # never a report of two searches
     assert without_runs["provenance"]["base_fingerprint"] == report["provenance"]["base_fingerprint"]
     with pytest.raises(ValueError, match=r"holds seeds \['420'\] .* not seeds \['420', '421'\]"):
         read_standalone_table(dataclasses.replace(cfg, seeds=[420, 421], results=str(folder / "standalone")),
