@@ -109,6 +109,48 @@ class ScaledUpdate:
         """Context manager applying the scale to the parameters in place (evaluation, no gradients)."""
         return _InPlaceScale(self, s)
 
+    def start_from(self, model: nn.Module, release: "ReleasedUpdate", prefix: str) -> None:
+        """Sets this update to a released one of the same kind, so training continues from it instead of ΔW = 0.
+        `prefix`: the base net's name inside `model` (e.g. `backbone.net.`). The release must be checked against
+        the base first (`check_base`). LoRA: the same layers, rank and α/r; the anchors stay the base's."""
+        if release.kind != self.kind:
+            raise UpdateError(f"{release.path} is a {release.kind} update; this run trains a {self.kind} one: "
+                              f"start from an update of the same kind")
+        with torch.no_grad():
+            if self.kind == "full":
+                for name in release.names():
+                    param = self.params.get(prefix + name)
+                    if param is None:
+                        raise UpdateError(f"{release.path} changes {name}, which this run does not train (a frozen "
+                                          f"projection?): train it, or start from an update that leaves it alone")
+                    param.add_(release.full[name].to(param.device, param.dtype))
+                return
+            self._start_lora(model, release, prefix)
+
+    def _start_lora(self, model: nn.Module, release: "ReleasedUpdate", prefix: str) -> None:
+        layers = {}
+        for name, module in model.named_modules():
+            if name.startswith(prefix + "base_model.model.") and hasattr(module, "lora_A") and len(module.lora_A):
+                layers[name.removeprefix(prefix + "base_model.model.") + ".weight"] = module
+        if set(layers) != set(release.names()):
+            raise UpdateError(f"{release.path} adapts {len(release.names())} layers, this run {len(layers)}; "
+                              f"they differ at {sorted(set(layers) ^ set(release.names()))[:3]}: pass the "
+                              f"release's --lora_targets")
+        for name, module in layers.items():
+            factors = release.lora[name]
+            if isinstance(factors, DoraFactors) or getattr(module, "use_dora", {}).get("default"):
+                raise UpdateError(f"{release.path}: starting from a DoRA adapter, or training DoRA from one, is not "
+                                  f"supported")
+            adapter = module.active_adapter[0] if isinstance(module.active_adapter, list) else module.active_adapter
+            A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            if A.shape != factors.A.shape or B.shape != factors.B.shape or not math.isclose(
+                    module.scaling[adapter], factors.scaling, rel_tol=1e-6):
+                raise UpdateError(f"{release.path}: {name} has rank {factors.A.shape[0]} and scaling "
+                                  f"{factors.scaling:g}, this run rank {A.shape[0]} and scaling "
+                                  f"{module.scaling[adapter]:g}: pass the release's --lora_rank and --lora_alpha")
+            A.copy_(factors.A.to(A.device, A.dtype))
+            B.copy_(factors.B.to(B.device, B.dtype))
+
 
 class _InPlaceScale:
     def __init__(self, update: ScaledUpdate, s: float):

@@ -512,3 +512,49 @@ def test_suite_prints_one_command_per_run_that_parses_back_to_that_run(capsys, e
         words = shlex.split(line)
         assert words[:3] == ["python", "-m", "training_scripts"]
         assert parse_run_config(TrainConfig, words[3:]) == run
+
+
+@pytest.mark.parametrize("peft", ["lora", "full"])
+def test_a_run_started_from_a_release_continues_from_its_update(tmp_path, peft):
+    plain = train_vision(TrainConfig(**tiny_train_args(tmp_path / "plain", peft=peft)))
+    start = load_update(plain)
+    # a learning rate of 1e-12 leaves the update where it started: the saved one must be the release's
+    still = train_vision(TrainConfig(**tiny_train_args(tmp_path / "still", peft=peft, lambda_reg=0.1, lr=1e-12,
+                                                       init_update=str(plain))))
+    after = load_update(still)
+    assert after.names() == start.names()
+    for name in start.names():
+        assert torch.allclose(after.delta(name), start.delta(name), atol=1e-6), name
+    meta = json.loads((still / METADATA_FILE).read_text())
+    assert meta["init_weights"] == start.content_hash and meta["config"]["init_update"] == str(plain)
+    fresh = load_update(train_vision(TrainConfig(**tiny_train_args(tmp_path / "fresh", peft=peft, lambda_reg=0.1,
+                                                                   lr=1e-12))))
+    assert max(float(fresh.delta(n).abs().max()) for n in fresh.names()) < 1e-6  # without it: ΔW = 0
+
+
+def test_a_run_refuses_to_start_from_an_update_of_another_task_kind_or_rank(tmp_path):
+    plain = train_vision(TrainConfig(**tiny_train_args(tmp_path / "plain")))
+    with pytest.raises(ValueError, match="gtsrb update; this run trains mnist"):
+        train_vision(TrainConfig(**tiny_train_args(tmp_path / "a", dataset="mnist", init_update=str(plain))))
+    with pytest.raises(UpdateError, match="lora update; this run trains a full one"):
+        train_vision(TrainConfig(**tiny_train_args(tmp_path / "b", peft="full", init_update=str(plain))))
+    with pytest.raises(UpdateError, match="rank 16 .*this run rank 4.*--lora_rank"):
+        train_vision(TrainConfig(**tiny_train_args(tmp_path / "c", lora_rank=4, lora_alpha=4, init_update=str(plain))))
+    with pytest.raises(UpdateError, match="--lora_targets"):
+        train_vision(TrainConfig(**tiny_train_args(tmp_path / "d", lora_targets=["fc1"], init_update=str(plain))))
+
+
+def test_protect_plain_starts_each_trap2_run_from_its_own_tasks_plain_run_which_trains_first(tmp_path):
+    from training_scripts.suite import SuiteConfig, suite_runs, training_phases
+
+    cfg = SuiteConfig(**{**tiny_train_args(tmp_path / "unused", lambda_reg=0.1), "output_dir": None},
+                      runs_root=str(tmp_path), protect_plain=True, seeds=[420, 421])
+    runs = suite_runs(cfg, ["gtsrb", "mnist"])
+    protected = [r for r in runs if r.protected]
+    plain = {r.output_dir for r in runs if not r.protected}
+    assert len(protected) == 4 and {r.init_update for r in protected} == plain
+    assert all(Path(r.init_update).name == Path(r.output_dir).name.replace("trap2", "plain") for r in protected)
+    first, rest = training_phases(runs)
+    assert {r.output_dir for r in first} == plain and rest == protected
+    with pytest.raises(ValueError, match="--protect_plain"):
+        SuiteConfig(lambda_reg=0.1, init_update="runs/x/gtsrb-plain")

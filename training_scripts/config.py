@@ -146,6 +146,9 @@ class TrainConfig(RunConfig):
               "runs/<suite>/<model>/<peft>/<task>-plain)")
     decoy_lambda: float = option(0.0, "weight λ_d of the decoy pass's loss (capped by off_loss_cap like the off-scale one)")
     decoy_scale: list[float] = option(help="m ~ U[lo, hi]: how much of a decoy is added", factory=lambda: [0.3, 0.7])
+    init_update: str | None = option(
+        None, "start from this released update of the task (a run folder, same base, kind and LoRA layers) instead of "
+              "ΔW = 0: protect an existing fine-tune")
     shuffle_classes: int | None = option(
         None, "train against the task's class prototypes permuted by this seed: an unprotected decoy update that "
               "breaks the task's features as a merge partner's does, made from the task's own data")
@@ -165,6 +168,8 @@ class TrainConfig(RunConfig):
             raise ValueError("--decoy_updates and --random_decoys are two kinds of decoy: give one")
         if self.shuffle_classes is not None and self.protected:
             raise ValueError("--shuffle_classes trains a decoy, an unprotected update: use --lambda_reg 0")
+        if self.init_update and self.use_dora:
+            raise ValueError("--init_update with --use_dora true: starting a DoRA run from a release is not supported")
         check_choice("suite", self.suite, ("offline", "vision8"))
         if self.head_shots < 1:
             raise ValueError(f"--head_shots must be >= 1, got {self.head_shots}")
@@ -197,6 +202,11 @@ class TrainConfig(RunConfig):
         if not self.draws_decoys:
             return []
         return list(self.decoy_updates or []) + ([self.random_decoys_source] if self.random_decoys else [])
+
+    @property
+    def source_runs(self) -> list[str]:
+        """Every run folder this run reads (so those train first): its decoys' and the one it starts from."""
+        return self.decoy_sources + ([self.init_update] if self.init_update else [])
 
     def default_run_dir(self, protected: bool) -> Path:
         """Where this task's run goes without --output_dir: runs/<suite>/<model>/<peft>/<task>-trap2|plain."""

@@ -25,7 +25,8 @@ BOOKKEEPING = {"output_dir", "overwrite", "progress", "device", "data_root", "do
 TRAP2_ONLY = {"rand_alpha_min", "rand_alpha_max", "band", "rand_alpha_weight", "scale_samples", "fixed_scales",
               "off_loss_cap", "lambda_ramp_steps", "decoy_updates", "random_decoys", "random_decoys_like",
               "decoy_lambda", "decoy_scale"}
-DECOY_FOLDERS = {"decoy_updates", "random_decoys_like"}  # compared by the weights they hold once those are recorded
+# folders compared by the weights they hold (the metadata key recording those) once those are recorded
+SOURCE_FOLDERS = {"decoy_weights": {"decoy_updates", "random_decoys_like"}, "init_weights": {"init_update"}}
 
 
 def differing_settings(saved: dict, current: dict, defaults: dict) -> dict:
@@ -39,13 +40,14 @@ _LOCKS: dict[Path, FolderLock] = {}  # run folders this process writes
 
 
 def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True,
-                 decoy_weights: list[str] | None = None) -> bool:
+                 source_weights: dict | None = None) -> bool:
     """Prepares `out_dir` for `cfg`; True when it already holds this finished run (nothing to do).
 
     A folder holding another run (finished or interrupted) with other settings is refused rather
     than silently reused; --overwrite replaces it. A folder another live process writes is refused,
-    --overwrite included. `write`: False on the non-main processes. `decoy_weights`: the content hashes of the
-    updates the run reads decoys from; a saved run that recorded the same ones matches wherever they now lie.
+    --overwrite included. `write`: False on the non-main processes. `source_weights`: SOURCE_FOLDERS' keys to the
+    content hashes of the updates the run reads; a saved run that recorded the same ones matches wherever they
+    now lie.
     """
     if write:
         release_run_dir(out_dir)  # this process's own earlier attempt, ended by an exception
@@ -60,9 +62,10 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True,
         meta_path = out_dir / (METADATA_FILE if finished else SETTINGS_FILE)
         saved = json.loads(meta_path.read_text()) if meta_path.exists() else {"config": config_dict(cfg)}
         differing = differing_settings(saved["config"], config_dict(cfg), config_dict(type(cfg)()))
-        # the same decoy weights in other folders: runs moved together, e.g. to another --runs_root
-        if decoy_weights is not None and saved.get("decoy_weights") == decoy_weights:
-            differing = {k: v for k, v in differing.items() if k not in DECOY_FOLDERS}
+        # the same source weights in other folders: runs moved together, e.g. to another --runs_root
+        for key, weights in (source_weights or {}).items():
+            if saved.get(key) == weights:
+                differing = {k: v for k, v in differing.items() if k not in SOURCE_FOLDERS[key]}
         if differing:
             raise ValueError(f"{out_dir} holds a run with other settings ({differing}); pass --overwrite true "
                              f"to replace it or choose another --output_dir")
@@ -72,9 +75,7 @@ def open_run_dir(cfg: RunConfig, out_dir: Path, write: bool = True,
             return True
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"config": config_dict(cfg)}
-        if decoy_weights is not None:
-            settings["decoy_weights"] = decoy_weights
+        settings = {"config": config_dict(cfg), **(source_weights or {})}
         (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     return False
 

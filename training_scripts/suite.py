@@ -46,6 +46,8 @@ class SuiteConfig(TrainConfig):
     decoys: int = option(
         0, "label-shuffled decoys trained per task (--shuffle_classes 1..N, unprotected, <task>-decoy<k>) and given to "
            "its Trap² run as --decoy_updates; needs --decoy_lambda > 0")
+    protect_plain: bool = option(
+        False, "each Trap² run starts from its task's unprotected run (--init_update): protect finished fine-tunes")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +65,9 @@ class SuiteConfig(TrainConfig):
         if self.random_decoys_like:
             raise ValueError("--random_decoys_like names one run; the suite sizes each Trap² run's random decoys by "
                              "its own task's unprotected run: drop it")
+        if self.init_update:
+            raise ValueError("--init_update names one run; for a suite, --protect_plain true starts each Trap² run "
+                             "from its own task's unprotected run")
 
     @property
     def has_decoys(self) -> bool:
@@ -105,7 +110,8 @@ def suite_runs(cfg: SuiteConfig, tasks: list[str], protected_tasks: list[str] | 
               for k, folder in enumerate(decoy_dirs(task, seed), 1)]
     protected = [TrainConfig(**{**shared, "dataset": task, "seed": seed, "output_dir": str(run_dir(cfg, task, True, seed)),
                                 **({"decoy_updates": decoy_dirs(task, seed)} if cfg.decoys else {}),
-                                **({"random_decoys_like": str(run_dir(cfg, task, False, seed))} if cfg.random_decoys else {})})
+                                **({"random_decoys_like": str(run_dir(cfg, task, False, seed))} if cfg.random_decoys else {}),
+                                **({"init_update": str(run_dir(cfg, task, False, seed))} if cfg.protect_plain else {})})
                  for seed in suite_seeds(cfg) for task in protected_tasks]
     plain = [TrainConfig(**{**shared, **unprotected, "dataset": task, "seed": seed,
                             "output_dir": str(run_dir(cfg, task, False, seed))})
@@ -157,9 +163,9 @@ def _train_unreported(run: TrainConfig) -> Path:
 
 
 def training_phases(runs: list[TrainConfig]) -> tuple[list[TrainConfig], list[TrainConfig]]:
-    """The runs other runs read decoys from (shuffled decoys; unprotected runs that size random decoys), then
-    the rest."""
-    read = {str(Path(folder)) for run in runs for folder in run.decoy_sources}
+    """The runs other runs read (shuffled decoys; unprotected runs that size random decoys or that Trap² runs
+    start from), then the rest."""
+    read = {str(Path(folder)) for run in runs for folder in run.source_runs}
     return ([run for run in runs if str(Path(run.output_dir)) in read],
             [run for run in runs if str(Path(run.output_dir)) not in read])
 

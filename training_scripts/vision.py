@@ -133,9 +133,10 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     device = distributed.init_from_env(resolve_device(cfg.device))
     main = distributed.is_main()
     out_dir = cfg.resolved_output_dir()
-    sources = {folder: load_update(folder) for folder in cfg.decoy_sources}  # read once: their weights identify the run
-    decoy_weights = [sources[folder].content_hash for folder in cfg.decoy_sources]
-    if open_run_dir(cfg, out_dir, write=main, decoy_weights=decoy_weights):
+    sources = {folder: load_update(folder) for folder in cfg.source_runs}  # read once: their weights identify the run
+    source_weights = {"decoy_weights": [sources[folder].content_hash for folder in cfg.decoy_sources],
+                      "init_weights": sources[cfg.init_update].content_hash if cfg.init_update else None}
+    if open_run_dir(cfg, out_dir, write=main, source_weights=source_weights):
         return out_dir
     distributed.barrier()
     pin_threads(device)
@@ -150,11 +151,18 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     partners = [decoy_deltas(sources[folder], base) for folder in cfg.decoy_updates or []] if cfg.draws_decoys else []
     random_layers = (random_decoy_layers(cfg, sources[cfg.random_decoys_source], base, model, task, device)
                      if cfg.draws_decoys and cfg.random_decoys else None)
+    start = sources[cfg.init_update] if cfg.init_update else None
+    if start is not None:
+        if start.task != cfg.dataset:
+            raise ValueError(f"--init_update {cfg.init_update} is a {start.task} update; this run trains {cfg.dataset}")
+        start.check_base(base.fingerprint, dict(base.backbone.net.state_dict()))
     seed_everything(cfg.seed)  # the adapter's initialisation must not depend on cache state
     update = attach_update(model, cfg)
     model.to(device)
     if cfg.peft == "full":  # anchors were cloned before the move
         update.anchors = {n: a.to(device) for n, a in update.anchors.items()}
+    if start is not None:
+        update.start_from(model, start, prefix="backbone.net.")
 
     objective = build_objective(cfg)
     if partners:
@@ -183,7 +191,7 @@ def train_vision(cfg: TrainConfig, on_step: Callable[[int, list], None] | None =
     metadata = {
         "task": cfg.dataset, "suite": cfg.suite, "base_model": cfg.model, "base_options": base.options,
         "base_fingerprint": base.fingerprint, "n_classes": len(task.classes), "protected": cfg.protected,
-        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg), "decoy_weights": decoy_weights,
+        "lambda_reg": cfg.lambda_reg, "seed": cfg.seed, "config": config_dict(cfg), **source_weights,
         "val_accuracy": val["accuracy"], "test_accuracy": test_by_scale["1"]["accuracy"],
         "zero_shot_test_accuracy": test_by_scale["0"]["accuracy"],
         "test_by_scale": test_by_scale, "best_step": result.best_step, "steps_run": result.steps_run,
