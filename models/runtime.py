@@ -4,7 +4,8 @@ On the CPU, PyTorch splits reductions (bias gradients, means, some GEMM paths) a
 threads, so the same seeded run gives other bits under another thread count. Every deterministic
 stage (base pretraining, training, merge evaluation) therefore runs on exactly one intra-op thread
 and gets its parallelism from processes instead (the suite's and the sweep's `--jobs`): the bits
-then depend only on the code, the library versions and the CPU's instruction set.
+then depend only on the code, the library versions and the CPU model (the math libraries choose
+kernels by more than the instruction set).
 """
 from __future__ import annotations
 
@@ -112,15 +113,28 @@ def code_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def cpu_model() -> str:
+    """The CPU's vendor, family, model and name, e.g. `GenuineIntel 6/207 Intel(R) Xeon(R) Processor`: two CPUs
+    of one instruction set can still give other bits (the math libraries choose kernels by more than it)."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return (f"{fields.get('vendor_id', '?')} {fields.get('cpu family', '?')}/{fields.get('model', '?')} "
+            f"{fields.get('model name', '?')}")
+
+
 def provenance(base_fingerprint: str | None = None) -> dict:
-    """What produced a result: base, code, threads, CPU instruction set and library versions."""
+    """What produced a result: base, code, threads, CPU instruction set and model, and library versions."""
     import numpy
     import peft
     import transformers
 
     return {"base_fingerprint": base_fingerprint, "code_commit": code_commit(),
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(),
+            "cpu_model": cpu_model(), "machine": platform.machine(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__}}
 

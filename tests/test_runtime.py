@@ -67,6 +67,8 @@ def test_runs_trained_in_parallel_workers_equal_runs_trained_one_after_another(t
     assert provenance["threads"] == [1] and provenance["base_fingerprint"]
     assert {"torch", "transformers", "peft", "numpy"} <= set(provenance["versions"])
     assert provenance["code_commit"]
+    from models.runtime import cpu_model
+    assert provenance["cpu_model"] == cpu_model() and provenance["cpu_model"] != "unknown"
 
 
 def test_a_table_never_mixes_runs_of_different_bases(trained_updates, tmp_path):
@@ -96,10 +98,11 @@ def test_the_suite_says_in_one_line_when_its_base_is_not_the_shipped_tables(trai
     cfg = SuiteConfig(tasks=["gtsrb"], base_options=dict(TINY_BASE), lambda_reg=0.1)
     shipped = Path(f"{default_results(cfg)}.json")
     shipped.parent.mkdir(parents=True)
-    shipped.write_text(json.dumps({"provenance": {"base_fingerprint": "fedcba9876543210"}}))
+    shipped.write_text(json.dumps({"provenance": {"base_fingerprint": "fedcba9876543210",
+                                                  "cpu_model": "AuthenticAMD 25/17 AMD EPYC 9R14"}}))
     prepare_bases(cfg, suite_runs(cfg, ["gtsrb"]))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
-    assert len(lines) == 1 and "fedcba9876543210" in lines[0]
+    assert len(lines) == 1 and "fedcba9876543210" in lines[0] and "AMD EPYC 9R14" in lines[0]
 
 
 SLEEPER = """

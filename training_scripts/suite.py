@@ -20,7 +20,7 @@ from pathlib import Path
 from dataset.offline import PAPER_TASKS
 from models.backbones import load_base
 from models.options import option, parse_config
-from models.runtime import default_jobs, provenance, run_cli, run_jobs
+from models.runtime import cpu_model, default_jobs, provenance, run_cli, run_jobs
 from models.updates import METADATA_FILE
 from training_scripts.config import TrainConfig, run_name
 from training_scripts.objective import ScaleSampler
@@ -125,13 +125,15 @@ def prepare_bases(cfg: SuiteConfig, runs: list[TrainConfig]) -> None:
     base = load_base(cfg.model, cfg.base_options)
     shipped = Path(f"{default_results(cfg)}.json")
     if shipped.exists():
-        recorded = json.loads(shipped.read_text()).get("provenance", {}).get("base_fingerprint")
+        shipped_provenance = json.loads(shipped.read_text()).get("provenance", {})
+        recorded = shipped_provenance.get("base_fingerprint")
         if recorded is None:
             print(f"note: {shipped} records no base fingerprint (made before results recorded one): "
                   f"its numbers need not come back here")
         elif recorded != base.fingerprint:
-            print(f"note: base {cfg.model} here is {base.fingerprint}, {shipped} was made with {recorded}: "
-                  f"expect other numbers than the shipped table")
+            shipped_cpu = shipped_provenance.get("cpu_model", "a CPU it does not record")
+            print(f"note: base {cfg.model} here is {base.fingerprint} (CPU {cpu_model()}), {shipped} was made with "
+                  f"{recorded} ({shipped_cpu}): expect other numbers than the shipped table")
     for run in runs:
         meta = Path(run.output_dir) / METADATA_FILE
         if meta.exists() and json.loads(meta.read_text()).get("base_fingerprint") != base.fingerprint:
