@@ -132,8 +132,8 @@ def prepare_bases(cfg: SuiteConfig, runs: list[TrainConfig]) -> None:
                   f"its numbers need not come back here")
         elif recorded != base.fingerprint:
             shipped_cpu = shipped_provenance.get("cpu_model", "a CPU it does not record")
-            print(f"note: base {cfg.model} here is {base.fingerprint} (CPU {cpu_model()}), {shipped} was made with "
-                  f"{recorded} ({shipped_cpu}): expect other numbers than the shipped table")
+            print(f"note: base {cfg.model} here is {base.fingerprint} on {cpu_model()}, {shipped} was made with "
+                  f"{recorded} on {shipped_cpu}: expect other numbers than the shipped table")
     for run in runs:
         meta = Path(run.output_dir) / METADATA_FILE
         if meta.exists() and json.loads(meta.read_text()).get("base_fingerprint") != base.fingerprint:
