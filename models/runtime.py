@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import multiprocessing
 import os
 import platform
@@ -113,6 +114,7 @@ def code_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+@functools.cache  # the CPU does not change under a process: read /proc/cpuinfo once
 def cpu_model() -> str:
     """The CPU's vendor, family, model and name, e.g. `GenuineIntel 6/207 Intel(R) Xeon(R) Processor`: two CPUs
     of one instruction set can still give other bits (the math libraries choose kernels by more than it)."""
