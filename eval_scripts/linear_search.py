@@ -319,6 +319,7 @@ class MergeSetup:
     scenarios: dict[str, list[ReleasedUpdate]]
     others: dict[str, list[ReleasedUpdate]]  # the other tasks' updates merged in each scenario
     all_updates: list[ReleasedUpdate]  # every scenario's target updates, then the others
+    update_hashes: dict[str, str]  # folder -> content hash of the update read there (before any realignment)
     out: Path
     evaluator: Evaluator
 
@@ -355,6 +356,7 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
     device = resolve_device(cfg.device)
     pin_threads(device)
     all_updates = [u for ups in scenarios.values() for u in ups] + others + protected_others
+    update_hashes = {str(u.path): u.content_hash for u in all_updates}
     evaluator = evaluator_for(all_updates, device, cfg)
     if cfg.realign:
         blocks = transformer_blocks(evaluator.net, first.metadata["base_model"])
@@ -362,8 +364,8 @@ def setup_merge(cfg: MergeConfig) -> MergeSetup:
         scenarios = {name: [realigned[id(u)] for u in ups] for name, ups in scenarios.items()}
         others, protected_others = [realigned[id(u)] for u in others], [realigned[id(u)] for u in protected_others]
         all_updates = [realigned[id(u)] for u in all_updates]
-    return MergeSetup(scenarios, {"protected": protected_others or others, "control": others}, all_updates, out,
-                      evaluator)
+    return MergeSetup(scenarios, {"protected": protected_others or others, "control": others}, all_updates,
+                      update_hashes, out, evaluator)
 
 
 def pre_merge(setup: MergeSetup, cfg: MergeConfig) -> dict:
@@ -423,6 +425,7 @@ def run_merge_eval(cfg: MergeConfig) -> Path:
         log = PointLog(setup.out / "points.jsonl")
         evaluations = EvaluationCache(setup.out.parent / "evaluations.jsonl")
         summary = {"config": merge_settings(cfg), "pre_merge": pre, "scenarios": {},
+                   "update_hashes": setup.update_hashes,  # so a report can tell a folder trained again since
                    "provenance": provenance(setup.all_updates[0].metadata.get("base_fingerprint"))}
         for name, ups in setup.scenarios.items():
             if not ups:

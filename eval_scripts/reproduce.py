@@ -32,6 +32,7 @@ from eval_scripts.scaling_curve import CurveConfig, run_curve
 from eval_scripts.tables import TablesConfig, build_tables
 from models.options import option, parse_config
 from models.runtime import default_jobs, pin_threads, provenance, resolve_device, run_cli
+from models.updates import load_update
 from training_scripts.suite import (SuiteConfig, default_results, print_training_commands, read_standalone_table,
                                    run_dir, runs_finished, runs_provenance, suite_seeds, train_suite,
                                    validation_accuracy, write_standalone_table)
@@ -170,9 +171,42 @@ def _images(val_limit: int | None) -> str:
     return "every validation image" if val_limit is None else f"the first {val_limit} validation images"
 
 
+_ON_DISK: dict[tuple, tuple[str | None, str]] = {}  # an update folder's files' stamps -> (its base, content hash)
+
+
+def _update_on_disk(folder: Path) -> tuple[str | None, str]:
+    """The base fingerprint and content hash of the update a folder holds now (read once per version of its files)."""
+    stamp = (str(folder.resolve()), *sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir()))
+    if stamp not in _ON_DISK:
+        update = load_update(folder)
+        _ON_DISK[stamp] = update.metadata.get("base_fingerprint"), update.content_hash
+    return _ON_DISK[stamp]
+
+
+def check_merged_updates(path: Path, summary: dict) -> None:
+    """Refuses a merge summary whose update folders now hold other updates (another base, or trained again), so
+    that a report never pairs the runs on disk with merges of earlier ones. Folders not on disk (a clone holding
+    results/ only) are not checked; summaries written before update hashes were recorded are checked by base."""
+    settings = summary["config"]
+    listed = [folder for key in ("protected", "control", "others", "protected_others")
+              for folder in settings.get(key) or ()]
+    hashes = summary.get("update_hashes") or dict.fromkeys(listed)
+    merged_base = summary["provenance"]["base_fingerprint"]
+    for folder, merged_hash in hashes.items():
+        if not Path(folder).is_dir():
+            continue
+        base, content_hash = _update_on_disk(Path(folder))
+        if base != merged_base:
+            raise ValueError(f"{path} merged updates trained on base {merged_base}, but {folder} on disk was trained "
+                             f"on base {base}: run the command without --report_only to merge the updates on disk")
+        if merged_hash is not None and content_hash != merged_hash:
+            raise ValueError(f"{path} merged another update than {folder} now holds (trained again since): run the "
+                             f"command without --report_only to merge it again (unchanged merges reuse their points)")
+
+
 def read_summaries(cfg: ReproduceConfig, group: str, folder: str) -> list[dict]:
     """A merge cell's summary.json for every seed, each searched on the validation images this command reads (a
-    report never mixes two searches)."""
+    report never mixes two searches) and made from the updates now in its run folders."""
     out = []
     for seed in suite_seeds(cfg):
         path = merge_root(cfg, seed, group) / folder / "summary.json"
@@ -182,6 +216,7 @@ def read_summaries(cfg: ReproduceConfig, group: str, folder: str) -> list[dict]:
             raise ValueError(f"{path} was searched on {_images(searched)}, this command reads {_images(cfg.val_limit)}"
                              f": pass --val_limit {'none' if searched is None else searched} to report it, or "
                              f"evaluate it again with this --val_limit (without --report_only)")
+        check_merged_updates(path, summary)
         out.append(summary)
     return out
 
@@ -194,6 +229,17 @@ def cell_results(cfg: ReproduceConfig, cells: list, n_tasks: int) -> list[CellRe
         out.append(CellResults(group, f"{cell.merge_method}/{cell.merge_space}", merge_size(group, n_tasks),
                                read_summaries(cfg, group, folder)))
     return out
+
+
+def check_one_base(results: list[CellResults], base_fingerprint: str) -> None:
+    """Refuses merges of updates on another base than the standalone table's: one report, one base."""
+    for cell in results:
+        for summary in cell.per_seed:
+            merged_base = summary["provenance"]["base_fingerprint"]
+            if merged_base != base_fingerprint:
+                raise ValueError(f"{summary['config']['output_dir']} merged updates trained on base {merged_base}, "
+                                 f"the standalone table's are on base {base_fingerprint}: one report never mixes two "
+                                 f"bases; run the command without --report_only where the runs are")
 
 
 def merge_results(cfg: ReproduceConfig, tasks: list[str]) -> list[CellResults]:
@@ -365,6 +411,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     results = merge_results(cfg, tasks)
     base_fingerprint = (runs_provenance(cfg, tasks)[0] if runs_on_disk else
                         read_standalone_table(cfg, tasks)["provenance"]["base_fingerprint"])
+    check_one_base(results, base_fingerprint)
     claims = [cost_claim(standalone_costs(cfg, tasks), len(tasks))] + merge_claims(cfg, results)
     out = write_claims(folder / ("claims.json" if report else "claims-val.json"), cfg, claims,
                        seconds=round(time.time() - start), provenance=provenance(base_fingerprint))

@@ -314,11 +314,34 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
     (folder / "claims.json").unlink()
     again = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
     assert again["claims"] == report["claims"]
+    # a report never pairs the runs on disk with merges of other updates: a run trained again since ...
+    weights = [run_dir(cfg, "gtsrb", protected, 420) / "adapter_model.safetensors" for protected in (True, False)]
+    swapped = [path.read_bytes() for path in weights][::-1]
+    for path, data in zip(weights, swapped):
+        path.write_bytes(data)
+    with pytest.raises(ValueError, match=r"merged another update than \S*gtsrb-trap2 now holds \(trained again"):
+        reproduce(dataclasses.replace(cfg, report_only=True))
+    for path, data in zip(weights, swapped[::-1]):
+        path.write_bytes(data)
+    # ... or runs on another base (a summary from before update hashes were recorded is checked by its base)
+    tampered = merge_root(cfg, 420, "with-mnist") / "tv-core" / "summary.json"
+    original = tampered.read_text()
+    older = json.loads(original)
+    del older["update_hashes"]
+    older["provenance"]["base_fingerprint"] = "0" * 16
+    tampered.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"merged updates trained on base 0{16}, but \S*gtsrb-trap2 on disk was trained "
+                                         r"on base [0-9a-f]{16}: run the command without --report_only"):
+        reproduce(dataclasses.replace(cfg, report_only=True))
     # a clone holding results/ but not the runs: the same claims, from the standalone table and merges on disk
     runs = [run_dir(cfg, task, protected, 420) for task in cfg.tasks for protected in (False, True)]
     for i, run in enumerate(runs):
         run.rename(tmp_path / f"run-elsewhere-{i}")
     (folder / "claims.json").unlink()
+    with pytest.raises(ValueError, match=r"with-mnist/tv-core merged updates trained on base 0{16}, the standalone "
+                                         r"table's are on base [0-9a-f]{16}: one report never mixes two bases"):
+        reproduce(dataclasses.replace(cfg, report_only=True))
+    tampered.write_text(original)
     without_runs = json.loads(reproduce(dataclasses.replace(cfg, report_only=True)).read_text())
     assert without_runs["claims"] == report["claims"]
     with pytest.raises(ValueError, match="searched on the first 32 validation images, this command reads every "
