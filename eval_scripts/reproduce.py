@@ -47,9 +47,14 @@ MIN_CONTROL_GAIN_KEPT = 0.3  # two-task merges: the control keeps this share of 
 ROUNDING = 1e-9
 
 
-def _at_most(value: float, bar: float) -> bool:
-    """value ≤ bar, with a tie that float arithmetic broke still a tie."""
-    return value <= bar + ROUNDING
+def _condition(per_seed_margins: list[float], margin: float | None = None, strict: bool = False) -> dict:
+    """One condition of a claim, from how far each seed lands on its holding side of the bar (the condition's own
+    units; negative: it misses). `margin`: the one the verdict reads (default: the seeds' mean); `se`: the standard
+    error of the seeds' mean (0 for one seed), so a verdict within about one `se` of its bar could turn on other
+    seeds. It holds at margin ≥ 0 (strict: > 0), a tie that float arithmetic broke still a tie."""
+    margin = statistics.fmean(per_seed_margins) if margin is None else margin
+    se = statistics.stdev(per_seed_margins) / len(per_seed_margins) ** 0.5 if len(per_seed_margins) > 1 else 0.0
+    return {"met": margin > ROUNDING if strict else margin >= -ROUNDING, "margin": margin, "se": se}
 
 
 @dataclass
@@ -130,10 +135,12 @@ def _mean_std(values: list[float]) -> dict:
             "per_seed": values}
 
 
-def _claim(text: str, conditions: dict[str, bool], **numbers) -> dict:
-    """A claim holds when all its conditions do; `unmet` names those that do not, with their numbers."""
-    return {"claim": text, "holds": all(conditions.values()), "unmet": [c for c, met in conditions.items() if not met],
-            **numbers}
+def _claim(text: str, conditions: dict[str, dict], **numbers) -> dict:
+    """A claim holds when all its conditions (`_condition`) do; `unmet` names those that do not, with their numbers;
+    `margins` gives each condition's distance to its bar and that distance's standard error over the seeds."""
+    return {"claim": text, "holds": all(c["met"] for c in conditions.values()),
+            "unmet": [text for text, c in conditions.items() if not c["met"]],
+            "margins": {text: {"margin": c["margin"], "se": c["se"]} for text, c in conditions.items()}, **numbers}
 
 
 @dataclass
@@ -250,7 +257,7 @@ def cost_claim(costs: list[float], n_tasks: int) -> dict:
     """The standalone bar; `costs`: each seed's fine-tuned − Trap² accuracy (points, mean over the tasks)."""
     cost = statistics.fmean(costs)
     return _claim(f"standalone cost (fine-tuned − Trap², mean over {n_tasks} tasks) ≤ {MAX_COST} points",
-                  {f"cost {cost:.2f} ≤ {MAX_COST}": _at_most(cost, MAX_COST)}, cost=_mean_std(costs))
+                  {f"cost {cost:.2f} ≤ {MAX_COST}": _condition([MAX_COST - c for c in costs])}, cost=_mean_std(costs))
 
 
 def merge_claims(cfg: ReproduceConfig, cells: list[CellResults]) -> list[dict]:
@@ -284,18 +291,29 @@ def scenario_numbers(target: str, cell: CellResults, split: str) -> dict:
 
 def two_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     """The issue's bar for a two-task merge: the protected target ≤ zero-shot + 2 while the control keeps ≥ 30 %
-    of the target's fine-tuning gain over zero-shot (means over the seeds)."""
+    of the target's fine-tuning gain over zero-shot (means over the seeds; the share's standard error from each
+    seed's own share)."""
     numbers = scenario_numbers(target, cell, split)
     z, p, c = (numbers[kind]["mean"] for kind in ("zero_shot", "protected", "control"))
     finetuned = statistics.fmean(cell.finetuned(target, split))
-    kept = (c - z) / (finetuned - z) if finetuned > z else 0.0
+    kept = _gain_kept(c, z, finetuned)
+    seeds = list(zip(*(cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control")),
+                     cell.finetuned(target, split)))
     return _claim(
         f"two-task merge {cell.group}, {cell.name}: protected {target} ≤ zero-shot + "
         f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
         {f"protected {p:.2f} ≤ zero-shot + {MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} = "
-         f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": _at_most(p, z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT),
-         f"control keeps {kept:.2%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain": _at_most(MIN_CONTROL_GAIN_KEPT, kept)},
+         f"{z + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT:.2f}": _condition([zi + MAX_PAIR_TARGET_ABOVE_ZERO_SHOT - pi
+                                                                   for zi, pi, _, _ in seeds]),
+         f"control keeps {kept:.2%} ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain": _condition(
+             [100 * (_gain_kept(ci, zi, fi) - MIN_CONTROL_GAIN_KEPT) for zi, _, ci, fi in seeds],
+             margin=100 * (kept - MIN_CONTROL_GAIN_KEPT))},
         **numbers, control_gain_kept=kept)
+
+
+def _gain_kept(merged: float, zero_shot: float, finetuned: float) -> float:
+    """The share of the target's fine-tuning gain over zero-shot that a merge keeps (0 when there is no gain)."""
+    return (merged - zero_shot) / (finetuned - zero_shot) if finetuned > zero_shot else 0.0
 
 
 def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
@@ -307,14 +325,18 @@ def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
             [100 * s["scenarios"]["protected"]["adaptive"][split][target] for s in cell.per_seed])
+    z_seeds, p_seeds, c_seeds = (cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control"))
+    mean_seeds, zero_mean_seeds = (numbers[key]["per_seed"] for key in ("protected_task_mean", "zero_shot_task_mean"))
     return _claim(
         f"all-task merge, {cell.name}: protected {target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below the "
         f"control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
         {f"protected {p:.2f} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} = {z + MAX_TARGET_ABOVE_ZERO_SHOT:.2f}":
-             _at_most(p, z + MAX_TARGET_ABOVE_ZERO_SHOT),
-         f"protected {p:.2f} < control {c:.2f}": p < c - ROUNDING,
+             _condition([zi + MAX_TARGET_ABOVE_ZERO_SHOT - pi for zi, pi in zip(z_seeds, p_seeds)]),
+         f"protected {p:.2f} < control {c:.2f}": _condition([ci - pi for ci, pi in zip(c_seeds, p_seeds)],
+                                                            strict=True),
          f"task mean {mean:.2f} ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT} = "
-         f"{zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT:.2f}": _at_most(mean, zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT)},
+         f"{zero_mean + MAX_MEAN_ABOVE_ZERO_SHOT:.2f}": _condition(
+             [zi + MAX_MEAN_ABOVE_ZERO_SHOT - mi for zi, mi in zip(zero_mean_seeds, mean_seeds)])},
         **numbers)
 
 
@@ -376,11 +398,17 @@ def write_claims(out: Path, cfg: ReproduceConfig, claims: list[dict], **extra) -
 
 
 def print_claims(claims: list[dict], split: str, out: Path) -> None:
-    """The closing summary: claim by claim, whether it holds on `split`, and what it misses."""
-    print(f"\nClaims on {'test' if split == 'test' else 'validation'} ({sum(c['holds'] for c in claims)} of "
+    """The closing summary: claim by claim, whether it holds on `split`, what it misses and by how much (± the
+    standard error of the seeds' mean), and how many misses are within that error."""
+    failing = [c for c in claims if not c["holds"]]
+    print(f"\nClaims on {'test' if split == 'test' else 'validation'} ({len(claims) - len(failing)} of "
           f"{len(claims)} hold; numbers in {out}):")
     for c in claims:
-        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(f"; not {u}" for u in c["unmet"]))
+        print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(
+            f"; not {u} (misses by {-c['margins'][u]['margin']:.2f} ± {c['margins'][u]['se']:.2f})" for u in c["unmet"]))
+    if failing:
+        close = sum(all(-c["margins"][u]["margin"] < c["margins"][u]["se"] for u in c["unmet"]) for c in failing)
+        print(f"  {close} of the {len(failing)} failing claims miss by less than one standard error of the seeds' mean")
 
 
 def reproduce(cfg: ReproduceConfig) -> Path:

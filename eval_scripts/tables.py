@@ -90,6 +90,16 @@ def _spread(numbers: dict | None) -> str:
     return "" if numbers is None else f"{numbers['mean']:.1f} ± {numbers['std']:.1f}"
 
 
+def _nearest_bar(margins: dict | None) -> str:
+    """A claim's condition nearest its bar: its distance (negative: missed) ± its standard error over the seeds."""
+    if not margins:  # files older than `margins`
+        return ""
+    text, m = min(margins.items(), key=lambda item: item[1]["margin"])
+    words = text.split(" ")
+    compared = next(i for i, w in enumerate(words) if w in ("≤", "≥", "<"))
+    return f"{' '.join(words[:compared + 2])}: {m['margin']:+.2f} ± {m['se']:.2f}"
+
+
 def claims_tables(root: Path) -> list[tuple[str, list[dict]]]:
     """Each test-split claims*.json (eval_scripts.reproduce) under `root` as (title, rows): per claim its
     numbers with their seed spread, whether it holds, and the conditions it misses. Validation files
@@ -108,7 +118,8 @@ def claims_tables(root: Path) -> list[tuple[str, list[dict]]]:
                          "task mean protected": _spread(c.get("protected_task_mean")),
                          "task mean zero-shot": _spread(c.get("zero_shot_task_mean")),
                          "holds": "yes" if c["holds"] else "NO",
-                         "unmet": "; ".join(c.get("unmet", []))})  # files older than `unmet` name none
+                         "unmet": "; ".join(c.get("unmet", [])),  # files older than `unmet` name none
+                         "nearest bar": _nearest_bar(c.get("margins"))})
         seeds = data.get("seeds") or []
         tables.append((f"Claims: {path.relative_to(root)} ({data['holds']} of {data['of']} hold; seeds "
                        f"{', '.join(map(str, seeds))}; target accuracy in %, mean ± std over the seeds)", rows))

@@ -433,6 +433,43 @@ def test_claims_at_their_bar_hold_although_float_arithmetic_breaks_the_tie():
     assert merge_claims(cfg, short)[0]["unmet"] == ["control keeps 29.98% ≥ 30% of its gain"]
 
 
+def test_each_condition_reports_its_distance_to_the_bar_and_the_seeds_standard_error(capsys):
+    """Three seeds of a two-task cell whose control keeps 25 / 40 / 20 % of GTSRB's gain: the verdict reads the
+    pooled share, the margin is that share's distance to 30 % (in points of the share) and its error the per-seed
+    shares' standard error; the summary says whether the miss is within that error."""
+    import statistics
+
+    from eval_scripts.reproduce import CellResults, ReproduceConfig, merge_claims, print_claims
+    from eval_scripts.tables import _nearest_bar
+
+    def summary(zero: float, protected: float, control: float, finetuned: float) -> dict:
+        return {"config": {"control": ["runs/gtsrb-plain"], "output_dir": "merge"},
+                "pre_merge": {"zero_shot": {"val": {"gtsrb": zero}},
+                              "alone": {"val": {"runs/gtsrb-plain": {"gtsrb": finetuned}}}},
+                "scenarios": {"protected": {"val": {"gtsrb": protected}}, "control": {"val": {"gtsrb": control}}}}
+
+    shares = [0.25, 0.40, 0.20]
+    seeds = [summary(0.40, 0.41 + i / 100, 0.40 + share * 0.40, 0.80) for i, share in enumerate(shares)]
+    claim, = merge_claims(ReproduceConfig(claims_split="val"), [CellResults("with-dtd", "ties/full", 2, seeds)])
+    kept_text, protected_text = "control keeps 28.33% ≥ 30% of its gain", "protected 42.00 ≤ zero-shot + 2.0 = 42.00"
+    assert claim["unmet"] == [kept_text] and claim["control_gain_kept"] == pytest.approx(sum(shares) / 3)
+    kept = claim["margins"][kept_text]
+    assert kept["margin"] == pytest.approx(100 * (sum(shares) / 3 - 0.3))
+    assert kept["se"] == pytest.approx(100 * statistics.stdev(shares) / 3 ** 0.5)  # 5.8 points: the miss is within it
+    protected = claim["margins"][protected_text]  # 41, 42, 43 % against 42 %: exactly at the bar, holds
+    assert protected["margin"] == pytest.approx(0.0) and protected["se"] == pytest.approx(1 / 3 ** 0.5)
+    assert _nearest_bar(claim["margins"]) == f"control keeps 28.33% ≥ 30%: -1.67 ± {kept['se']:.2f}"
+    print_claims([claim], "val", Path("claims-val.json"))
+    printed = capsys.readouterr().out
+    assert f"not {kept_text} (misses by 1.67 ± {kept['se']:.2f})" in printed
+    assert "1 of the 1 failing claims miss by less than one standard error" in printed
+    # the same shares much closer together: the same miss, now outside the error
+    tight = [summary(0.40, 0.41, 0.40 + share * 0.40, 0.80) for share in (0.28, 0.285, 0.285)]
+    claim, = merge_claims(ReproduceConfig(claims_split="val"), [CellResults("with-dtd", "ties/full", 2, tight)])
+    print_claims([claim], "val", Path("claims-val.json"))
+    assert "0 of the 1 failing claims miss by less than one standard error" in capsys.readouterr().out
+
+
 def test_claims_split_is_checked_and_only_reproduce_and_attacks_judge_on_validation():
     from eval_scripts.attacks import AttacksConfig
     from eval_scripts.defences import DefencesConfig
