@@ -155,7 +155,7 @@ def attacks(cfg: AttacksConfig) -> Path:
     claims = merge_claims(cfg, attack_results(cfg, tasks))
     if not report:
         out = write_claims(folder / "attacks-val.json", cfg, claims)
-        print_claims(claims, "val", out)
+        print_claims(claims, "val", out, len(suite_seeds(cfg)))
         return out
     build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
     out = write_report(cfg, claims, recovery_csv, folder)

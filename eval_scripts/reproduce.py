@@ -397,16 +397,18 @@ def write_claims(out: Path, cfg: ReproduceConfig, claims: list[dict], **extra) -
     return out
 
 
-def print_claims(claims: list[dict], split: str, out: Path) -> None:
+def print_claims(claims: list[dict], split: str, out: Path, seeds: int) -> None:
     """The closing summary: claim by claim, whether it holds on `split`, what it misses and by how much (± the
-    standard error of the seeds' mean), and how many misses are within that error."""
+    standard error of the seeds' mean), and how many misses are within that error (which one seed cannot give)."""
     failing = [c for c in claims if not c["holds"]]
     print(f"\nClaims on {'test' if split == 'test' else 'validation'} ({len(claims) - len(failing)} of "
           f"{len(claims)} hold; numbers in {out}):")
     for c in claims:
         print(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}" + "".join(
             f"; not {u} (misses by {-c['margins'][u]['margin']:.2f} ± {c['margins'][u]['se']:.2f})" for u in c["unmet"]))
-    if failing:
+    if failing and seeds == 1:
+        print("  one seed: no standard error says which misses other seeds could turn (pass --seeds)")
+    elif failing:
         close = sum(all(-c["margins"][u]["margin"] < c["margins"][u]["se"] for u in c["unmet"]) for c in failing)
         print(f"  {close} of the {len(failing)} failing claims miss by less than one standard error of the seeds' mean")
 
@@ -446,7 +448,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     if report:  # after claims.json: the tables show it
         build_tables(TablesConfig(results=str(folder), output=str(folder / "tables")))
         plot_merges(cfg, len(tasks), results, folder)
-    print_claims(claims, cfg.claims_split, out)
+    print_claims(claims, cfg.claims_split, out, len(suite_seeds(cfg)))
     print(f"reproduction finished in {time.time() - start:.0f} s")
     return out
 

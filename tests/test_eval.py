@@ -459,15 +459,21 @@ def test_each_condition_reports_its_distance_to_the_bar_and_the_seeds_standard_e
     protected = claim["margins"][protected_text]  # 41, 42, 43 % against 42 %: exactly at the bar, holds
     assert protected["margin"] == pytest.approx(0.0) and protected["se"] == pytest.approx(1 / 3 ** 0.5)
     assert _nearest_bar(claim["margins"]) == f"control keeps 28.33% ≥ 30%: -1.67 ± {kept['se']:.2f}"
-    print_claims([claim], "val", Path("claims-val.json"))
+    print_claims([claim], "val", Path("claims-val.json"), seeds=3)
     printed = capsys.readouterr().out
     assert f"not {kept_text} (misses by 1.67 ± {kept['se']:.2f})" in printed
     assert "1 of the 1 failing claims miss by less than one standard error" in printed
     # the same shares much closer together: the same miss, now outside the error
     tight = [summary(0.40, 0.41, 0.40 + share * 0.40, 0.80) for share in (0.28, 0.285, 0.285)]
     claim, = merge_claims(ReproduceConfig(claims_split="val"), [CellResults("with-dtd", "ties/full", 2, tight)])
-    print_claims([claim], "val", Path("claims-val.json"))
+    print_claims([claim], "val", Path("claims-val.json"), seeds=3)
     assert "0 of the 1 failing claims miss by less than one standard error" in capsys.readouterr().out
+    # one seed has no error to weigh a miss against: the summary says so instead of counting
+    claim, = merge_claims(ReproduceConfig(claims_split="val"), [CellResults("with-dtd", "ties/full", 2, tight[:1])])
+    assert claim["margins"][claim["unmet"][0]]["se"] == 0.0
+    print_claims([claim], "val", Path("claims-val.json"), seeds=1)
+    printed = capsys.readouterr().out
+    assert "one seed: no standard error" in printed and "failing claims miss" not in printed
 
 
 def test_claims_split_is_checked_and_only_reproduce_and_attacks_judge_on_validation():
