@@ -295,10 +295,9 @@ def two_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     seed's own share)."""
     numbers = scenario_numbers(target, cell, split)
     z, p, c = (numbers[kind]["mean"] for kind in ("zero_shot", "protected", "control"))
-    finetuned = statistics.fmean(cell.finetuned(target, split))
-    kept = _gain_kept(c, z, finetuned)
-    seeds = list(zip(*(cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control")),
-                     cell.finetuned(target, split)))
+    finetuned_seeds = cell.finetuned(target, split)
+    kept = _gain_kept(c, z, statistics.fmean(finetuned_seeds))
+    seeds = list(zip(*(numbers[kind]["per_seed"] for kind in ("zero_shot", "protected", "control")), finetuned_seeds))
     return _claim(
         f"two-task merge {cell.group}, {cell.name}: protected {target} ≤ zero-shot + "
         f"{MAX_PAIR_TARGET_ABOVE_ZERO_SHOT} while the control keeps ≥ {MIN_CONTROL_GAIN_KEPT:.0%} of its gain",
@@ -325,8 +324,8 @@ def all_task_claim(target: str, cell: CellResults, split: str = "test") -> dict:
     if "adaptive" in cell.per_seed[0]["scenarios"]["protected"]:
         numbers["protected_adaptive"] = _mean_std(
             [100 * s["scenarios"]["protected"]["adaptive"][split][target] for s in cell.per_seed])
-    z_seeds, p_seeds, c_seeds = (cell.target(kind, target, split) for kind in ("zero-shot", "protected", "control"))
-    mean_seeds, zero_mean_seeds = (numbers[key]["per_seed"] for key in ("protected_task_mean", "zero_shot_task_mean"))
+    z_seeds, p_seeds, c_seeds, mean_seeds, zero_mean_seeds = (numbers[key]["per_seed"] for key in (
+        "zero_shot", "protected", "control", "protected_task_mean", "zero_shot_task_mean"))
     return _claim(
         f"all-task merge, {cell.name}: protected {target} ≤ zero-shot + {MAX_TARGET_ABOVE_ZERO_SHOT} and below the "
         f"control; protected task mean ≤ zero-shot mean + {MAX_MEAN_ABOVE_ZERO_SHOT}",
