@@ -403,33 +403,37 @@ def test_one_command_reproduction_writes_tables_figures_and_claims(tmp_path, mon
         merge_claims(dataclasses.replace(cfg, claims_split="val"), [CellResults("all-tasks", "tv/full", 2, [summary])])
 
 
+def _val_summary(zero: dict, protected: dict, control: dict, finetuned: float = 0.9) -> dict:
+    """A two-scenario merge summary with validation accuracies only (GTSRB's plain update alone: `finetuned`)."""
+    return {"config": {"control": ["runs/gtsrb-plain"], "output_dir": "merge"},
+            "pre_merge": {"zero_shot": {"val": zero}, "alone": {"val": {"runs/gtsrb-plain": {"gtsrb": finetuned}}}},
+            "scenarios": {"protected": {"val": protected}, "control": {"val": control}}}
+
+
 def test_claims_at_their_bar_hold_although_float_arithmetic_breaks_the_tie():
     """41.2 % zero-shot + 2 points is 43.2, yet 100 · 0.412 + 2 < 100 · 0.432 in floats: a claim exactly at its
     bar must hold, and one a single image over it must not."""
     from eval_scripts.reproduce import CellResults, merge_claims, ReproduceConfig
 
-    def summary(zero: dict, protected: dict, control: dict) -> dict:
-        return {"config": {"control": ["runs/gtsrb-plain"], "output_dir": "merge"},
-                "pre_merge": {"zero_shot": {"val": zero}, "alone": {"val": {"runs/gtsrb-plain": {"gtsrb": 0.9}}}},
-                "scenarios": {"protected": {"val": protected}, "control": {"val": control}}}
-
     cfg = ReproduceConfig(claims_split="val")
     assert not 100 * 0.432 <= 100 * 0.412 + 2.0 and not 100 * 0.246 <= 100 * 0.236 + 1.0
-    at_bar = [CellResults("with-mnist", "tv/full", 2, [summary({"gtsrb": 0.412}, {"gtsrb": 0.432}, {"gtsrb": 0.8})]),
-              CellResults("all-tasks", "tv/full", 2, [summary({"gtsrb": 0.236, "mnist": 0.5},
-                                                              {"gtsrb": 0.246, "mnist": 0.5},
-                                                              {"gtsrb": 0.6, "mnist": 0.5})])]
+    at_bar = [CellResults("with-mnist", "tv/full", 2,
+                          [_val_summary({"gtsrb": 0.412}, {"gtsrb": 0.432}, {"gtsrb": 0.8})]),
+              CellResults("all-tasks", "tv/full", 2, [_val_summary({"gtsrb": 0.236, "mnist": 0.5},
+                                                                   {"gtsrb": 0.246, "mnist": 0.5},
+                                                                   {"gtsrb": 0.6, "mnist": 0.5})])]
     assert [c["holds"] for c in merge_claims(cfg, at_bar)] == [True, True]
-    over = [CellResults("with-mnist", "tv/full", 2, [summary({"gtsrb": 0.412}, {"gtsrb": 0.436}, {"gtsrb": 0.8})]),
-            CellResults("all-tasks", "tv/full", 2, [summary({"gtsrb": 0.236, "mnist": 0.5},
-                                                            {"gtsrb": 0.25, "mnist": 0.5},
-                                                            {"gtsrb": 0.6, "mnist": 0.5})])]
+    over = [CellResults("with-mnist", "tv/full", 2,
+                        [_val_summary({"gtsrb": 0.412}, {"gtsrb": 0.436}, {"gtsrb": 0.8})]),
+            CellResults("all-tasks", "tv/full", 2, [_val_summary({"gtsrb": 0.236, "mnist": 0.5},
+                                                                 {"gtsrb": 0.25, "mnist": 0.5},
+                                                                 {"gtsrb": 0.6, "mnist": 0.5})])]
     claims = merge_claims(cfg, over)
     assert [c["holds"] for c in claims] == [False, False]
     assert claims[0]["unmet"] == ["protected 43.60 ≤ zero-shot + 2.0 = 43.20"]
     # a control a hair under its bar (29.98 % of the gain) must not read as the bar itself in `unmet`
-    short = [CellResults("with-mnist", "tv/full", 2, [summary({"gtsrb": 0.412}, {"gtsrb": 0.412},
-                                                              {"gtsrb": 0.412 + 0.2998 * (0.9 - 0.412)})])]
+    short = [CellResults("with-mnist", "tv/full", 2, [_val_summary({"gtsrb": 0.412}, {"gtsrb": 0.412},
+                                                                   {"gtsrb": 0.412 + 0.2998 * (0.9 - 0.412)})])]
     assert merge_claims(cfg, short)[0]["unmet"] == ["control keeps 29.98% ≥ 30% of its gain"]
 
 
@@ -443,10 +447,7 @@ def test_each_condition_reports_its_distance_to_the_bar_and_the_seeds_standard_e
     from eval_scripts.tables import _nearest_bar
 
     def summary(zero: float, protected: float, control: float, finetuned: float) -> dict:
-        return {"config": {"control": ["runs/gtsrb-plain"], "output_dir": "merge"},
-                "pre_merge": {"zero_shot": {"val": {"gtsrb": zero}},
-                              "alone": {"val": {"runs/gtsrb-plain": {"gtsrb": finetuned}}}},
-                "scenarios": {"protected": {"val": {"gtsrb": protected}}, "control": {"val": {"gtsrb": control}}}}
+        return _val_summary({"gtsrb": zero}, {"gtsrb": protected}, {"gtsrb": control}, finetuned)
 
     shares = [0.25, 0.40, 0.20]
     seeds = [summary(0.40, 0.41 + i / 100, 0.40 + share * 0.40, 0.80) for i, share in enumerate(shares)]
