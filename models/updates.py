@@ -58,18 +58,25 @@ class ScaledUpdate:
     kind: str
     params: dict[str, nn.Parameter]
     anchors: dict[str, torch.Tensor | None]
+    # LoRA: each lora_B's partner A and α/r, so ΔW = scaling · B @ A (norm); empty for a full update
+    lora_inputs: dict[str, tuple[nn.Parameter, float]] = field(default_factory=dict)
 
     @classmethod
     def lora(cls, model: nn.Module) -> "ScaledUpdate":
         params = {n: p for n, p in model.named_parameters() if ".lora_B." in n and p.requires_grad}
         if not params:
             raise UpdateError("no trainable lora_B parameters found: attach a LoRA adapter first")
+        lora_inputs = {}
+        for name in params:  # <layer>.lora_B.<adapter>.weight
+            layer_name, _, rest = name.partition(".lora_B.")
+            layer, adapter = model.get_submodule(layer_name), rest.split(".")[0]
+            lora_inputs[name] = (layer.lora_A[adapter].weight, float(layer.scaling[adapter]))
         magnitudes = {n: p for n, p in model.named_parameters() if ".lora_magnitude_vector." in n and p.requires_grad}
         anchors = {n: None for n in params}
         for name, p in magnitudes.items():  # DoRA's start, ‖W0‖ per output row, whenever this is built
             layer = model.get_submodule(name.split(".lora_magnitude_vector.")[0])
             anchors[name] = layer.get_base_layer().weight.detach().float().norm(dim=1).to(p.dtype)
-        return cls("lora", {**params, **magnitudes}, anchors)
+        return cls("lora", {**params, **magnitudes}, anchors, lora_inputs)
 
     @classmethod
     def full(cls, model: nn.Module) -> "ScaledUpdate":
@@ -104,6 +111,30 @@ class ScaledUpdate:
         finally:
             for module, attr, param in reversed(saved):
                 module._parameters[attr] = param
+
+    def norm(self) -> float:
+        """‖ΔW‖_F over every layer of the update. LoRA: ‖s·B·A‖² = s²·Σ (BᵀB ⊙ AAᵀ), never forming B·A."""
+        if self.kind == "lora" and any(a is not None for a in self.anchors.values()):
+            raise UpdateError("a DoRA update's ΔW depends on its magnitudes and the base: its norm is not bounded here")
+        with torch.no_grad():
+            if self.kind == "full":
+                total = sum(float((p.float() - self.anchors[n].float()).pow(2).sum()) for n, p in self.params.items())
+            else:
+                total = 0.0
+                for name, (A, scaling) in self.lora_inputs.items():
+                    B, A = self.params[name].float(), A.float()
+                    total += scaling ** 2 * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
+        return math.sqrt(total)
+
+    def bound_norm_(self, max_norm: float) -> float:
+        """Scales the update back onto the ball ‖ΔW‖_F ≤ max_norm (direction kept; an update inside is left
+        untouched); returns the norm before. LoRA scales every B by the same factor, which scales ΔW by it."""
+        norm = self.norm()
+        if norm > max_norm:
+            with torch.no_grad():
+                for name, value in self.overrides(max_norm / norm).items():
+                    self.params[name].copy_(value)
+        return norm
 
     def set_scale(self, s: float) -> "_InPlaceScale":
         """Context manager applying the scale to the parameters in place (evaluation, no gradients)."""

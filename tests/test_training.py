@@ -71,6 +71,47 @@ def test_full_update_trains_saves_and_loads(tmp_path):
     assert any(update.delta(n).abs().max() > 0 for n in update.names())
 
 
+def _released_norm(path) -> float:
+    """‖ΔW‖_F of a release, from its own tensors (LoRA: B @ A formed explicitly)."""
+    update = load_update(path)
+    return sum(float(update.delta(n).double().pow(2).sum()) for n in update.names()) ** 0.5
+
+
+def test_update_norm_and_its_bound_are_exact_and_keep_the_direction():
+    from peft import LoraConfig, get_peft_model
+    from models.updates import ScaledUpdate
+
+    torch.manual_seed(0)
+    net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4)),
+                         LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    update = ScaledUpdate.lora(net)
+    deltas = [m.get_delta_weight("default").detach().clone() for m in net.modules() if hasattr(m, "get_delta_weight")]
+    norm = sum(float(d.double().pow(2).sum()) for d in deltas) ** 0.5
+    assert len(deltas) == 2 and update.norm() == pytest.approx(norm, rel=1e-6)
+    before = {n: p.detach().clone() for n, p in update.params.items()}
+    assert update.bound_norm_(2 * norm) == pytest.approx(norm, rel=1e-6)  # inside the ball: untouched
+    assert all(torch.equal(before[n], p) for n, p in update.params.items())
+    update.bound_norm_(norm / 3)
+    after = [m.get_delta_weight("default") for m in net.modules() if hasattr(m, "get_delta_weight")]
+    assert update.norm() == pytest.approx(norm / 3, rel=1e-6)
+    for d, a in zip(deltas, after):  # every layer shrinks by the same factor: one direction
+        assert torch.allclose(a, d / 3, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft", ["lora", "full"])
+def test_a_bounded_run_releases_an_update_on_its_norm_bound(tmp_path, peft):
+    lr = 3e-3 if peft == "lora" else 1e-3
+    free = _released_norm(train_vision(TrainConfig(**tiny_train_args(tmp_path / "free", peft=peft, lr=lr))))
+    bound = free / 2
+    path = train_vision(TrainConfig(**tiny_train_args(tmp_path / "bound", peft=peft, lr=lr, max_update_norm=bound)))
+    assert _released_norm(path) == pytest.approx(bound, rel=1e-4)
+    assert json.loads((path / METADATA_FILE).read_text())["config"]["max_update_norm"] == bound
+
+
 def test_convnext_lora_targets_mlp(tmp_path):
     path = train_vision(TrainConfig(**tiny_train_args(tmp_path / "cnx", model="offline-convnext")))
     names = load_update(path).names()
@@ -152,7 +193,8 @@ def test_config_yaml_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--lambda_reg", "nan"], ["--lambda_reg", "-0.1"], ["--lr", "inf"],
-                                  ["--off_loss_cap", "nan"], ["--band", "nan"]])
+                                  ["--off_loss_cap", "nan"], ["--band", "nan"], ["--max_update_norm", "0"],
+                                  ["--max_update_norm", "nan"], ["--max_update_norm", "2", "--use_dora", "true"]])
 def test_non_finite_or_negative_settings_are_refused(argv, capsys):
     """A NaN λ passes every comparison and would train an unprotected update recorded as protected."""
     with pytest.raises(SystemExit):

@@ -51,6 +51,9 @@ class RunConfig:
     schedule_steps: int | None = option(
         None, "steps the LR decay spans; default: max_steps (the release decays over 100,000 and stops early)")
     max_grad_norm: float | None = option(1.0, "gradient norm clip; none: no clipping")
+    max_update_norm: float | None = option(
+        None, "bound on ‖ΔW‖_F over all layers: after each step a larger update is scaled back onto it (so tasks "
+              "end at like norms and none outweighs another in a merge); none: unbounded")
     eval_freq: int = option(2000, "steps between validation evaluations (and checkpoints)")
     patience: int = option(5, "evaluations without improvement before stopping early")
     min_delta: float = option(0.001, "smallest validation gain that counts as an improvement")
@@ -89,12 +92,17 @@ class RunConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         # NaN passes every comparison: a NaN λ would train an unprotected update recorded as protected
         for name in ("lambda_reg", "rand_alpha_min", "rand_alpha_max", "band", "off_loss_cap", "lr",
-                     "weight_decay", "eps", "max_grad_norm", "min_delta", "lora_alpha", "lora_dropout"):
+                     "weight_decay", "eps", "max_grad_norm", "max_update_norm", "min_delta", "lora_alpha",
+                     "lora_dropout"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ValueError(f"--schedule_steps must be >= 1 (or none: max_steps), got {self.schedule_steps}")
+        if self.max_update_norm is not None and self.max_update_norm <= 0:
+            raise ValueError(f"--max_update_norm must be > 0 (or none: unbounded), got {self.max_update_norm}")
+        if self.max_update_norm is not None and self.use_dora:
+            raise ValueError("--max_update_norm with --use_dora true: a DoRA update's norm is not bounded; drop one")
         if self.lambda_reg < 0:
             raise ValueError(f"--lambda_reg must be >= 0 (0 trains the unprotected baseline), got {self.lambda_reg}")
         if self.lambda_ramp_steps < 0:

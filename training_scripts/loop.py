@@ -38,6 +38,7 @@ class LoopSettings:
     max_steps: int
     warmup_steps: int
     max_grad_norm: float | None  # None: no clipping (the norm is still logged)
+    max_update_norm: float | None  # None: unbounded; else ‖ΔW‖_F is scaled back onto it after each step
     eval_freq: int
     patience: int
     min_delta: float
@@ -164,6 +165,8 @@ def run_loop(model: nn.Module, update: ScaledUpdate, objective: Trap2Objective, 
         else:
             optimizer.step()
         scheduler.step()
+        if settings.max_update_norm is not None:
+            metrics["update_norm"] = update.bound_norm_(settings.max_update_norm)
         if on_step is not None:
             on_step(step, trainable)
         if step % 10 == 0 and main:

@@ -123,7 +123,8 @@ def loop_settings(cfg: RunConfig, device: torch.device, auto_amp: str = "fp16") 
     return LoopSettings(
         lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        eval_freq=cfg.eval_freq, patience=cfg.patience, min_delta=cfg.min_delta,
+        max_update_norm=cfg.max_update_norm, eval_freq=cfg.eval_freq, patience=cfg.patience,
+        min_delta=cfg.min_delta,
         amp=resolve_amp(cfg.amp, device, auto_amp), progress=cfg.progress, schedule=cfg.schedule,
         grad_accum=cfg.grad_accum, schedule_steps=cfg.schedule_steps, report_to=cfg.report_to,
         run_config=config_dict(cfg))
