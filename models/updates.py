@@ -121,8 +121,8 @@ class ScaledUpdate:
                 total = sum(float((p.float() - self.anchors[n].float()).pow(2).sum()) for n, p in self.params.items())
             else:
                 total = 0.0
-                for name, (A, scaling) in self.lora_inputs.items():
-                    B, A = self.params[name].float(), A.float()
+                for name, (lora_A, scaling) in self.lora_inputs.items():
+                    A, B = lora_A.float(), self.params[name].float()
                     total += scaling ** 2 * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
         return math.sqrt(total)
 

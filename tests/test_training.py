@@ -89,14 +89,18 @@ def test_update_norm_and_its_bound_are_exact_and_keep_the_direction():
             if "lora_B" in name:
                 p.normal_()
     update = ScaledUpdate.lora(net)
-    deltas = [m.get_delta_weight("default").detach().clone() for m in net.modules() if hasattr(m, "get_delta_weight")]
+
+    def layer_deltas():  # PEFT's own ΔW per adapted layer
+        return [m.get_delta_weight("default").detach().clone() for m in net.modules() if hasattr(m, "get_delta_weight")]
+
+    deltas = layer_deltas()
     norm = sum(float(d.double().pow(2).sum()) for d in deltas) ** 0.5
     assert len(deltas) == 2 and update.norm() == pytest.approx(norm, rel=1e-6)
     before = {n: p.detach().clone() for n, p in update.params.items()}
     assert update.bound_norm_(2 * norm) == pytest.approx(norm, rel=1e-6)  # inside the ball: untouched
     assert all(torch.equal(before[n], p) for n, p in update.params.items())
     update.bound_norm_(norm / 3)
-    after = [m.get_delta_weight("default") for m in net.modules() if hasattr(m, "get_delta_weight")]
+    after = layer_deltas()
     assert update.norm() == pytest.approx(norm / 3, rel=1e-6)
     for d, a in zip(deltas, after):  # every layer shrinks by the same factor: one direction
         assert torch.allclose(a, d / 3, atol=1e-6)
